@@ -1,0 +1,126 @@
+"""Eager PyTorch versions of every op in the package.
+
+They serve three purposes and are kept deliberately plain:
+
+* the oracle of the tests (called on float64 copies of the inputs);
+* the ``attention="eager"`` path of the layers and models;
+* the "eager" baseline of the benchmarks (matmul, softmax, matmul; and HF's
+  CPU construction of Fourier features followed by ``torch.cat``).
+
+All attention tensors use the (batch, seq, heads, head_dim) layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v, materialising the full score matrix.
+
+    q: (Bq, N, H, Dqk) with Bq in {1, B}; k: (B, M, H, Dqk); v: (B, M, H, Dv).
+    key_padding_mask: bool (B, M), True = attend. Queries whose keys are all
+    masked get zeros (not NaN). Returns (B, N, H, Dv) in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qh = q.transpose(1, 2)  # (Bq, H, N, D)
+    kh = k.transpose(1, 2)
+    vh = v.transpose(1, 2)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, N, M)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    if key_padding_mask is not None:
+        # A fully masked row is NaN after softmax; define it as zeros.
+        probs = probs.masked_fill(~keep, 0.0)
+    if dropout_p > 0.0 and training:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, vh)  # (B, H, N, Dv)
+    return out.transpose(1, 2)
+
+
+def _check_fourier_args(index_dims: Sequence[int], num_bands: int, max_resolution) -> tuple:
+    index_dims = tuple(int(n) for n in index_dims)
+    if len(index_dims) == 0 or any(n <= 0 for n in index_dims):
+        raise ValueError(f"index_dims must be a non-empty sequence of positive sizes, got {index_dims}")
+    if int(num_bands) < 1:
+        raise ValueError(f"num_bands must be >= 1, got {num_bands}")
+    if max_resolution is None:
+        max_resolution = index_dims
+    max_resolution = tuple(float(r) for r in max_resolution)
+    if len(max_resolution) != len(index_dims):
+        raise ValueError(
+            f"max_resolution has {len(max_resolution)} entries but index_dims {index_dims} has "
+            f"{len(index_dims)}; give one resolution per index dimension"
+        )
+    return index_dims, max_resolution
+
+
+def fourier_features_reference(
+    index_dims: Sequence[int],
+    num_bands: int,
+    *,
+    max_resolution: Optional[Sequence[float]] = None,
+    concat_pos: bool = True,
+    sine_only: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """HF transformers' build_linear_positions + generate_fourier_features.
+
+    Returns (prod(index_dims), C) with channels
+    [positions (if concat_pos) | sin(pi f x) axis by axis | cos(...) same order].
+    Computed in ``dtype`` throughout, exactly as HF does in float32.
+    """
+    index_dims, max_resolution = _check_fourier_args(index_dims, num_bands, max_resolution)
+    axes = [torch.linspace(-1.0, 1.0, steps=n, dtype=dtype, device=device) for n in index_dims]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(index_dims))
+    freqs = torch.stack(
+        [torch.linspace(1.0, r / 2, steps=num_bands, dtype=dtype, device=device) for r in max_resolution]
+    )  # (D, K)
+    per_pos = (pos[:, :, None] * freqs[None, :, :]).reshape(pos.shape[0], -1)  # (P, D*K)
+    feats = [torch.sin(math.pi * per_pos)]
+    if not sine_only:
+        feats.append(torch.cos(math.pi * per_pos))
+    if concat_pos:
+        feats.insert(0, pos)
+    return torch.cat(feats, dim=-1)
+
+
+def fourier_encode_reference(
+    inputs: torch.Tensor,
+    num_bands: int,
+    *,
+    max_resolution: Optional[Sequence[float]] = None,
+    concat_pos: bool = True,
+    sine_only: bool = False,
+) -> torch.Tensor:
+    """[inputs flattened | features] for channels-last inputs (B, *index_dims, Cin).
+
+    This is HF's eager recipe: build the features, expand over the batch and
+    torch.cat them onto the flattened inputs.
+    """
+    index_dims = inputs.shape[1:-1]
+    feats = fourier_features_reference(
+        index_dims,
+        num_bands,
+        max_resolution=max_resolution,
+        concat_pos=concat_pos,
+        sine_only=sine_only,
+        dtype=torch.float32,
+        device=inputs.device,
+    ).to(inputs.dtype)
+    flat = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+    return torch.cat([flat, feats.expand(inputs.shape[0], -1, -1)], dim=-1)

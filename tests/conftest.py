@@ -1,0 +1,26 @@
+"""Test set-up.
+
+Without a GPU the Triton kernels run under the Triton interpreter on CPU
+tensors. TRITON_INTERPRET must be set before any kernel module is imported,
+which is why this happens here, before perceiver_fast is imported anywhere.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
