@@ -1,0 +1,136 @@
+"""Routing of the layers' attention calls to the fused ops or the eager reference.
+
+Every layer takes ``attention="fused" | "eager"``:
+
+* ``"fused"``: :func:`perceiver_fast.ops.attention.cross_attention` /
+  :func:`~perceiver_fast.ops.attention.self_attention` (Triton kernels);
+* ``"eager"``: :func:`perceiver_fast.ops.reference.attention_reference`
+  (matmul, softmax, matmul), the baseline and the oracle of the tests.
+
+All tensors use the (batch, seq, heads, head_dim) layout of the ops.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+
+from perceiver_fast.ops.reference import attention_reference, fourier_encode_reference, fourier_features_reference
+
+ATTENTION_MODES = ("fused", "eager")
+
+
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    return attention
+
+
+def _fused_ops():
+    try:
+        return importlib.import_module("perceiver_fast.ops.attention")
+    except ImportError as exc:  # pragma: no cover - depends on the tree's state
+        raise ImportError(
+            "attention='fused' needs perceiver_fast.ops.attention (the Triton kernels), which could not be "
+            f"imported ({exc}); use attention='eager' or install triton"
+        ) from exc
+
+
+def fused_available() -> bool:
+    """True when the fused attention ops can be imported."""
+    try:
+        _fused_ops()
+    except ImportError:
+        return False
+    return True
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attention: str,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """q (Bq, N, H, Dqk) with Bq in {1, B}, k (B, M, H, Dqk), v (B, M, H, Dv) -> (B, N, H, Dv).
+
+    ``dropout_p`` must already be 0 outside training (the fused op has no
+    ``training`` flag).
+    """
+    if attention == "fused":
+        return _fused_ops().cross_attention(
+            q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale
+        )
+    if q.shape[0] != k.shape[0]:
+        q = q.expand(k.shape[0], *q.shape[1:])  # the reference's matmul broadcasts anyway; keep shapes explicit
+    return attention_reference(
+        q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True
+    )
+
+
+def self_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attention: str,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """q, k, v (B, N, H, D), possibly strided views of a packed (B, N, 3, H, D) projection."""
+    if attention == "fused":
+        return _fused_ops().self_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    return attention_reference(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True)
+
+
+def _fourier_ops():
+    try:
+        return importlib.import_module("perceiver_fast.ops.fourier")
+    except ImportError:
+        return None
+
+
+def fourier_features(index_dims, num_bands, *, max_resolution=None, concat_pos=True, sine_only=False,
+                     dtype=torch.float32, device=None) -> torch.Tensor:
+    """(prod(index_dims), C) Fourier features built directly on ``device``.
+
+    Uses the fused encoder when it is importable and usable, else the eager
+    formula (still on ``device``, never via the CPU).
+    """
+    ops = _fourier_ops()
+    if ops is not None:
+        try:
+            return ops.fourier_features(index_dims, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
+                                        sine_only=sine_only, dtype=dtype, device=device)
+        except (RuntimeError, ImportError, NotImplementedError, AttributeError):
+            pass  # e.g. the C++ extension is not built
+    return fourier_features_reference(index_dims, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
+                                      sine_only=sine_only, dtype=torch.float32, device=device).to(dtype)
+
+
+def fourier_encode(inputs: torch.Tensor, num_bands: int, *, max_resolution=None, concat_pos=True,
+                   sine_only=False) -> torch.Tensor:
+    """[flattened channels-last inputs | Fourier features] -> (B, P, Cin + C), one fused write when available."""
+    ops = _fourier_ops()
+    if ops is not None:
+        try:
+            return ops.fourier_encode(inputs, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
+                                      sine_only=sine_only)
+        except (RuntimeError, ImportError, NotImplementedError, AttributeError):
+            pass
+    return fourier_encode_reference(inputs, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
+                                    sine_only=sine_only)
+
+
+def fourier_channels(num_dims: int, num_bands: int, *, concat_pos: bool = True, sine_only: bool = False) -> int:
+    """Number of Fourier feature channels (HF's ``output_size``)."""
+    return num_dims * num_bands * (1 if sine_only else 2) + (num_dims if concat_pos else 0)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,269 @@
+"""Attention layers on the fused ops.
+
+* :class:`CrossAttention` - HF ``PerceiverAttention`` semantics (LayerNorm on q
+  and kv, q/k/v linears with bias, heads, output projection, query residual),
+  with **projection folding** (see below).
+* :class:`CrossAttentionLayer` - :class:`CrossAttention` + LayerNorm + MLP
+  (HF ``PerceiverLayer`` with ``is_cross_attention=True``).
+* :class:`SelfAttentionBlock` - pre-LN transformer block with a packed qkv
+  projection (HF ``PerceiverLayer`` self-attention, ViT block).
+* :class:`MLP` - Linear, exact GELU, Linear.
+
+Projection folding
+------------------
+For a head h with query projection Q_h (N, dh), key weights W_k,h (dh, Din),
+bias b_k,h, value weights W_v,h (dv, Din) and bias b_v,h, over the normalised
+inputs X = LN(x) (M, Din)::
+
+    S_h = Q_h (X W_k,h^T + 1 b_k,h^T)^T = (Q_h W_k,h) X^T + (Q_h b_k,h) 1^T
+    O_h = P_h (X W_v,h^T + 1 b_v,h^T)   = (P_h X) W_v,h^T + b_v,h
+
+The bias term of S_h is constant along each row, so softmax drops it exactly;
+the rows of P_h sum to 1, so b_v,h passes through. The folded path therefore
+runs ONE attention call over keys = values = X with queries q' = Q_h W_k,h
+(head dim Din, softmax scale still 1/sqrt(dh)). All heads share the same keys,
+so the H folded queries are stacked along the query axis: q'' (Bq, H*N, 1, Din).
+It never projects the M inputs to K and V, which for HF's learned Perceiver IO
+costs as much as the attention itself.
+
+``fold="auto"`` (default) picks the path with fewer FLOPs
+(:func:`folding_flops`); ``fold=True``/``False`` forces it. Folding is not
+exact with attention dropout (dropped rows no longer sum to 1), so ``"auto"``
+uses the unfolded path while dropout is active and ``fold=True`` raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from perceiver_fast.layers import _dispatch
+
+FoldMode = Union[str, bool]
+
+
+def _check_fold(fold: FoldMode) -> FoldMode:
+    if fold not in ("auto", True, False):
+        raise ValueError(f"fold must be 'auto', True or False, got {fold!r}")
+    return fold
+
+
+def folding_flops(n: int, m: int, din: int, qk_channels: int, v_channels: int, heads: int) -> tuple:
+    """(unfolded, folded) forward FLOPs of the K/V-side of a cross-attention, per batch element.
+
+    unfolded: project M inputs to K and V, then attend with Dqk / Dv channels;
+    folded: fold the queries through W_k, attend over Din channels per head,
+    then apply W_v per head. The query projection and the output projection are
+    common to both and left out.
+    """
+    unfolded = 2 * m * din * (qk_channels + v_channels) + 2 * n * m * (qk_channels + v_channels)
+    folded = 2 * n * qk_channels * din + 4 * n * m * heads * din + 2 * n * din * v_channels
+    return unfolded, folded
+
+
+class MLP(nn.Module):
+    """Linear(dim, hidden) -> exact GELU -> dropout -> Linear(hidden, out_dim) -> dropout."""
+
+    def __init__(self, dim: int, hidden_dim: Optional[int] = None, out_dim: Optional[int] = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        hidden_dim = dim if hidden_dim is None else int(hidden_dim)
+        out_dim = dim if out_dim is None else int(out_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention with HF ``PerceiverAttention`` semantics.
+
+    Args:
+        q_dim: channels of the queries (the latents).
+        kv_dim: channels of the inputs.
+        heads: number of heads (must divide qk_channels and v_channels).
+        qk_channels: q/k projection width; default ``kv_dim`` (HF's ``'kv'``
+            shape; pass ``q_dim`` for HF's ``'q'`` shape).
+        v_channels: value width; default ``qk_channels``.
+        out_dim: output projection width; default ``q_dim``.
+        use_query_residual: add the (un-normalised) queries to the output.
+        dropout: attention-probability dropout.
+        layer_norm_eps: eps of both LayerNorms (HF uses torch's 1e-5).
+        attention: ``"fused"`` or ``"eager"``.
+        fold: ``"auto"``, True or False (see the module docstring).
+
+    ``forward(q, kv, key_padding_mask=None)``: q (Bq, N, q_dim) with Bq in {1, B}
+    (batch-shared latents are NOT expanded), kv (B, M, kv_dim),
+    key_padding_mask bool (B, M), True = attend. Returns (B, N, out_dim).
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None, out_dim: Optional[int] = None, use_query_residual: bool = True,
+                 dropout: float = 0.0, layer_norm_eps: float = 1e-5, attention: str = "fused",
+                 fold: FoldMode = "auto"):
+        super().__init__()
+        qk_channels = kv_dim if qk_channels is None else int(qk_channels)
+        v_channels = qk_channels if v_channels is None else int(v_channels)
+        out_dim = q_dim if out_dim is None else int(out_dim)
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        if qk_channels % heads != 0:
+            raise ValueError(f"qk_channels ({qk_channels}) must be divisible by heads ({heads})")
+        if v_channels % heads != 0:
+            raise ValueError(f"v_channels ({v_channels}) must be divisible by heads ({heads})")
+        if use_query_residual and out_dim != q_dim:
+            raise ValueError(f"use_query_residual needs out_dim ({out_dim}) == q_dim ({q_dim})")
+        self.q_dim, self.kv_dim, self.heads = int(q_dim), int(kv_dim), int(heads)
+        self.qk_channels, self.v_channels, self.out_dim = qk_channels, v_channels, out_dim
+        self.use_query_residual = use_query_residual
+        self.dropout = float(dropout)
+        self.attention = _dispatch.check_attention(attention)
+        self.fold = _check_fold(fold)
+        self.norm_q = nn.LayerNorm(q_dim, eps=layer_norm_eps)
+        self.norm_kv = nn.LayerNorm(kv_dim, eps=layer_norm_eps)
+        self.to_q = nn.Linear(q_dim, qk_channels)
+        self.to_k = nn.Linear(kv_dim, qk_channels)
+        self.to_v = nn.Linear(kv_dim, v_channels)
+        self.to_out = nn.Linear(v_channels, out_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, attention={self.attention!r}, fold={self.fold!r}"
+
+    def use_folding(self, n: int, m: int) -> bool:
+        """Whether forward takes the folded path for N queries over M inputs."""
+        dropout_active = self.training and self.dropout > 0
+        if self.fold is True:
+            if dropout_active:
+                raise ValueError("fold=True is not exact with attention dropout during training; "
+                                 "use fold='auto' or dropout=0")
+            return True
+        if self.fold is False or dropout_active:
+            return False
+        unfolded, folded = folding_flops(n, m, self.kv_dim, self.qk_channels, self.v_channels, self.heads)
+        return folded < unfolded
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
+        if q.dim() != 3 or kv.dim() != 3:
+            raise ValueError(f"expected q (B, N, C) and kv (B, M, C), got {tuple(q.shape)} and {tuple(kv.shape)}")
+        if q.shape[-1] != self.q_dim or kv.shape[-1] != self.kv_dim:
+            raise ValueError(f"expected q channels {self.q_dim} and kv channels {self.kv_dim}, "
+                             f"got {q.shape[-1]} and {kv.shape[-1]}")
+        if q.shape[0] not in (1, kv.shape[0]):
+            raise ValueError(f"q batch {q.shape[0]} must be 1 or the kv batch {kv.shape[0]}")
+        out = self._attend(q, kv, key_padding_mask)
+        out = self.to_out(out)
+        if self.use_query_residual:
+            out = out + q
+        return out
+
+    def _attend(self, q, kv, key_padding_mask):
+        """(B, N, v_channels) attention output before the output projection."""
+        bq, n, _ = q.shape
+        b, m, _ = kv.shape
+        h = self.heads
+        dh, dv = self.qk_channels // h, self.v_channels // h
+        p = self.dropout if self.training else 0.0
+        qh = self.to_q(self.norm_q(q)).view(bq, n, h, dh)
+        x = self.norm_kv(kv)
+        if self.use_folding(n, m):
+            # q' = Q_h W_k,h : (Bq, H, N, Din) -> heads stacked along the query axis.
+            wk = self.to_k.weight.view(h, dh, self.kv_dim)
+            qf = torch.einsum("bnhd,hde->bhne", qh, wk).reshape(bq, h * n, 1, self.kv_dim)
+            xk = x.unsqueeze(2)  # (B, M, 1, Din): keys = values = LN(x), one shared "head"
+            o = _dispatch.cross_attention(qf, xk, xk, attention=self.attention, key_padding_mask=key_padding_mask,
+                                          dropout_p=p, softmax_scale=1.0 / math.sqrt(dh))
+            o = o.view(b, h, n, self.kv_dim)
+            wv = self.to_v.weight.view(h, dv, self.kv_dim)
+            out = torch.einsum("bhne,hve->bnhv", o, wv).reshape(b, n, self.v_channels) + self.to_v.bias
+            return out
+        k = self.to_k(x).view(b, m, h, dh)
+        v = self.to_v(x).view(b, m, h, dv)
+        o = _dispatch.cross_attention(qh, k, v, attention=self.attention, key_padding_mask=key_padding_mask,
+                                      dropout_p=p, softmax_scale=1.0 / math.sqrt(dh))
+        return o.reshape(b, n, self.v_channels)
+
+
+class CrossAttentionLayer(nn.Module):
+    """HF ``PerceiverLayer(is_cross_attention=True)``: cross-attention, then x + MLP(LN(x)).
+
+    Takes the :class:`CrossAttention` arguments plus ``widening_factor``
+    (MLP hidden = widening_factor * out_dim) and ``mlp_dropout``.
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None, widening_factor: int = 1, use_query_residual: bool = True,
+                 dropout: float = 0.0, mlp_dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+                 attention: str = "fused", fold: FoldMode = "auto"):
+        super().__init__()
+        self.attn = CrossAttention(q_dim, kv_dim, heads=heads, qk_channels=qk_channels, v_channels=v_channels,
+                                   use_query_residual=use_query_residual, dropout=dropout,
+                                   layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
+        self.norm_mlp = nn.LayerNorm(q_dim, eps=layer_norm_eps)
+        self.mlp = MLP(q_dim, widening_factor * q_dim, dropout=mlp_dropout)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
+        x = self.attn(q, kv, key_padding_mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-LN transformer block with a packed qkv projection.
+
+    x = x + proj(attn(LN(x))); x = x + MLP(LN(x)). The qkv projection output
+    (B, N, 3, H, D) is passed to ``self_attention`` as three strided views
+    (no copies).
+
+    Args:
+        dim: channels.
+        heads: number of heads (must divide ``heads * dim_head``).
+        dim_head: per-head width; default ``dim // heads`` (must divide then).
+        mlp_ratio: MLP hidden = int(mlp_ratio * dim) (HF's widening_factor).
+        qkv_bias: bias on the qkv projection.
+        dropout: attention-probability dropout; mlp_dropout: MLP/proj dropout.
+        layer_norm_eps, attention: as :class:`CrossAttention`.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: Optional[int] = None, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, dropout: float = 0.0, mlp_dropout: float = 0.0,
+                 layer_norm_eps: float = 1e-5, attention: str = "fused"):
+        super().__init__()
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        if dim_head is None:
+            if dim % heads != 0:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or pass dim_head")
+            dim_head = dim // heads
+        self.dim, self.heads, self.dim_head = int(dim), int(heads), int(dim_head)
+        self.dropout = float(dropout)
+        self.attention = _dispatch.check_attention(attention)
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(mlp_dropout) if mlp_dropout > 0 else nn.Identity()
+        self.norm_mlp = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=mlp_dropout)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim_head={self.dim_head}, attention={self.attention!r}"
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """proj(attention(LN(x))) without the residual."""
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.unbind(2)  # strided views, no copy
+        p = self.dropout if self.training else 0.0
+        o = _dispatch.self_attention(q, k, v, attention=self.attention, dropout_p=p,
+                                     softmax_scale=1.0 / math.sqrt(self.dim_head))
+        return self.proj_drop(self.proj(o.reshape(b, n, self.heads * self.dim_head)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected (B, N, {self.dim}), got {tuple(x.shape)}")
+        x = x + self.attend(x)
+        return x + self.mlp(self.norm_mlp(x))

@@ -1,0 +1,83 @@
+"""The keras-example Perceiver (keras.io "Image classification with Perceiver", CIFAR-100).
+
+``Perceiver(**kwargs)`` - keyword arguments (defaults = the keras example):
+
+=================  =========  ==========================================================
+image_size         64         int or (H, W)
+patch_size         2          patch side; image_size must be divisible by it
+in_channels        3
+num_classes        100
+num_latents        256        latent array length (keras latent_dim)
+latent_dim         256        channels of patches and latents (keras projection_dim)
+cross_heads        1          cross-attention heads
+self_heads         8          self-attention heads
+dim_head           None       self-attention head width; default latent_dim // self_heads
+depth              4          transformer blocks per iteration (keras num_transformer_blocks)
+num_iterations     2          cross-attention + transformer repeats, weights shared
+mlp_ratio          1          FFN width factor (keras ffn_units = [D, D])
+dropout            0.0        attention-probability dropout
+mlp_dropout        0.0        FFN dropout
+layer_norm_eps     1e-6       (keras)
+attention          "fused"    "fused" | "eager"
+fold               "auto"     projection folding of the cross-attention
+=================  =========  ==========================================================
+
+Structure: patches -> Linear + learned position embedding (the data array);
+a learned latent array (batch-shared); ``num_iterations`` x [cross-attention
+(latents <- data, HF PerceiverLayer semantics) -> ``depth`` pre-LN self-attention
+blocks], all weights shared across iterations; LayerNorm, global average
+pooling over the latents, Linear classifier. (Unlike keras, the cross-attention
+has an output projection and the residual uses the un-normalised latents, as in
+the Perceiver IO layer.)
+
+Digits-sized: ``Perceiver(image_size=8, patch_size=2, in_channels=1, num_classes=10,
+num_latents=8, latent_dim=32, self_heads=4, depth=2)``.
+``forward(images (B, C, H, W)) -> logits (B, num_classes)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers.attention import CrossAttentionLayer, FoldMode, SelfAttentionBlock
+from perceiver_fast.layers.embeddings import PatchEmbedding, TrainablePositionEncoding
+
+
+class Perceiver(nn.Module):
+    def __init__(self, *, image_size=64, patch_size=2, in_channels: int = 3, num_classes: int = 100,
+                 num_latents: int = 256, latent_dim: int = 256, cross_heads: int = 1, self_heads: int = 8,
+                 dim_head: Optional[int] = None, depth: int = 4, num_iterations: int = 2, mlp_ratio: int = 1,
+                 dropout: float = 0.0, mlp_dropout: float = 0.0, layer_norm_eps: float = 1e-6,
+                 attention: str = "fused", fold: FoldMode = "auto"):
+        super().__init__()
+        _dispatch.check_attention(attention)
+        if num_iterations < 1 or depth < 0 or num_latents < 1:
+            raise ValueError("num_iterations and num_latents must be >= 1 and depth >= 0")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_iterations = int(num_iterations)
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, latent_dim)
+        self.pos_embed = TrainablePositionEncoding(self.patch_embed.num_patches, latent_dim)
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
+        self.cross_attention = CrossAttentionLayer(
+            latent_dim, latent_dim, heads=cross_heads, widening_factor=mlp_ratio, dropout=dropout,
+            mlp_dropout=mlp_dropout, layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
+        self.transformer = nn.ModuleList(
+            SelfAttentionBlock(latent_dim, heads=self_heads, dim_head=dim_head, mlp_ratio=mlp_ratio,
+                               dropout=dropout, mlp_dropout=mlp_dropout, layer_norm_eps=layer_norm_eps,
+                               attention=attention)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(latent_dim, eps=layer_norm_eps)
+        self.head = nn.Linear(latent_dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        data = self.patch_embed(images) + self.pos_embed()
+        z = self.latents.unsqueeze(0)  # (1, N, D): batch-shared in the first cross-attention
+        for _ in range(self.num_iterations):
+            z = self.cross_attention(z, data)
+            for block in self.transformer:
+                z = block(z)
+        return self.head(self.norm(z).mean(dim=1))

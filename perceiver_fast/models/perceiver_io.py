@@ -1,0 +1,124 @@
+"""Perceiver IO for image classification (HF ``PerceiverForImageClassification{Learned,Fourier,ConvProcessing}``).
+
+``PerceiverIO(**kwargs)`` - keyword arguments (defaults = deepmind/vision-perceiver-learned):
+
+=============================  ==========  ===============================================
+image_size                     224         int or (H, W); inputs must have this size
+in_channels                    3           image channels
+num_classes                    1000        decoder outputs
+preprocessing                  "learned"   "learned" | "fourier" | "conv" (HF's 3 image preprocessors)
+num_latents                    512         latent array length
+latent_dim                     1024        latent channels (HF d_latents)
+num_blocks                     8           times the self-attention block is applied (shared weights)
+num_self_attends_per_block     6           self-attention layers per block
+self_heads                     8           self-attention heads
+cross_heads                    1           encoder cross-attention heads
+decoder_heads                  1           decoder cross-attention heads
+cross_widening_factor          1           MLP width factor of the cross-attention layers
+self_widening_factor           1           MLP width factor of the self-attention layers
+qk_channels, v_channels        None        HF defaults (cross: kv_dim; self: latent_dim)
+prep_channels                  None        conv width: 256 (learned) / 64 (conv)
+pos_channels                   256         trainable position width ("learned")
+num_bands                      64          Fourier bands ("fourier", "conv")
+max_resolution                 None        Fourier max resolution; default the input grid
+dropout                        0.0         attention-probability dropout
+layer_norm_eps                 1e-5
+attention                      "fused"     "fused" | "eager"
+fold                           "auto"      projection folding of the cross-attentions ("auto" | True | False)
+=============================  ==========  ===============================================
+
+Presets: ``PerceiverIO.from_config("learned" | "fourier" | "conv", **overrides)``
+match deepmind/vision-perceiver-{learned,fourier,conv} (the fourier preset uses
+max_resolution (224, 224), the conv preset (56, 56)). ``PerceiverIO.from_hf(hf_model)``
+converts a transformers PerceiverForImageClassification{Learned,Fourier,ConvProcessing}.
+
+A small digits-sized model: ``PerceiverIO(image_size=8, in_channels=1, num_classes=10,
+preprocessing="fourier", num_latents=16, latent_dim=64, num_blocks=2,
+num_self_attends_per_block=2, self_heads=4, num_bands=4)``.
+
+``forward(images (B, C, H, W), key_padding_mask=None) -> logits (B, num_classes)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers.attention import CrossAttentionLayer, FoldMode, SelfAttentionBlock
+from perceiver_fast.layers.decoders import ClassificationDecoder
+from perceiver_fast.layers.preprocessors import ImagePreprocessor
+
+PRESETS = {
+    "learned": dict(preprocessing="learned"),
+    "fourier": dict(preprocessing="fourier", max_resolution=(224, 224)),
+    "conv": dict(preprocessing="conv", max_resolution=(56, 56)),
+}
+
+
+class PerceiverIO(nn.Module):
+    def __init__(self, *, image_size=224, in_channels: int = 3, num_classes: int = 1000,
+                 preprocessing: str = "learned", num_latents: int = 512, latent_dim: int = 1024,
+                 num_blocks: int = 8, num_self_attends_per_block: int = 6, self_heads: int = 8,
+                 cross_heads: int = 1, decoder_heads: int = 1, cross_widening_factor: int = 1,
+                 self_widening_factor: int = 1, qk_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None, prep_channels: Optional[int] = None, pos_channels: int = 256,
+                 num_bands: int = 64, max_resolution=None, dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+                 attention: str = "fused", fold: FoldMode = "auto"):
+        super().__init__()
+        _dispatch.check_attention(attention)
+        if num_latents < 1 or latent_dim < 1 or num_blocks < 1 or num_self_attends_per_block < 1:
+            raise ValueError("num_latents, latent_dim, num_blocks and num_self_attends_per_block must be >= 1")
+        if latent_dim % self_heads != 0:
+            raise ValueError(f"latent_dim ({latent_dim}) must be divisible by self_heads ({self_heads})")
+        if latent_dim % cross_heads != 0:
+            raise ValueError(f"latent_dim ({latent_dim}) must be divisible by cross_heads ({cross_heads})")
+        self_inner = latent_dim if qk_channels is None else int(qk_channels)
+        if (v_channels if v_channels is not None else self_inner) != self_inner:
+            raise ValueError("the packed self-attention needs v_channels == qk_channels")
+        if self_inner % self_heads != 0:
+            raise ValueError(f"qk_channels ({self_inner}) must be divisible by self_heads ({self_heads})")
+        self.num_blocks = int(num_blocks)
+        self.attention = attention
+        self.preprocessor = ImagePreprocessor(preprocessing, image_size=image_size, in_channels=in_channels,
+                                              out_channels=prep_channels, pos_channels=pos_channels,
+                                              num_bands=num_bands, max_resolution=max_resolution)
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
+        self.cross_attention = CrossAttentionLayer(
+            latent_dim, self.preprocessor.num_channels, heads=cross_heads, qk_channels=qk_channels,
+            v_channels=v_channels, widening_factor=cross_widening_factor, dropout=dropout,
+            layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
+        self.self_attends = nn.ModuleList(
+            SelfAttentionBlock(latent_dim, heads=self_heads, dim_head=self_inner // self_heads,
+                               mlp_ratio=self_widening_factor, dropout=dropout, layer_norm_eps=layer_norm_eps,
+                               attention=attention)
+            for _ in range(num_self_attends_per_block))
+        self.decoder = ClassificationDecoder(latent_dim, num_classes, heads=decoder_heads, dropout=dropout,
+                                             layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
+
+    @classmethod
+    def from_config(cls, name: str, **overrides) -> "PerceiverIO":
+        """deepmind/vision-perceiver-{learned,fourier,conv} architecture (random init), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, hf_model, *, attention: str = "fused", fold: FoldMode = "auto") -> "PerceiverIO":
+        """Convert a transformers PerceiverForImageClassification{Learned,Fourier,ConvProcessing} (weights copied)."""
+        from perceiver_fast.models._hf_convert import perceiver_io_from_hf
+
+        return perceiver_io_from_hf(cls, hf_model, attention=attention, fold=fold)
+
+    def encode(self, images: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images -> latents (B, num_latents, latent_dim)."""
+        inputs = self.preprocessor(images)
+        z = self.cross_attention(self.latents.unsqueeze(0), inputs, key_padding_mask)  # latents batch-shared
+        for _ in range(self.num_blocks):
+            for layer in self.self_attends:
+                z = layer(z)
+        return z
+
+    def forward(self, images: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.decoder(self.encode(images, key_padding_mask))
