@@ -41,6 +41,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKEND: Optional[str] = None
 _NUM_SPLITS: Optional[int] = None
 _CHUNK: int = 1024
+# Tests set _POISON so that every buffer the ops allocate starts as NaN (an
+# element a kernel forgets to write then fails the comparison).
+_POISON: bool = False
+
+
+def _empty(shape, *, device, dtype) -> Tensor:
+    t = torch.empty(shape, device=device, dtype=dtype)
+    if _POISON and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
 
 
 # ---------------------------------------------------------------------------
@@ -169,8 +179,8 @@ def attention_bwd_chunked(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     dof = do.float().transpose(1, 2)  # (B, H, N, Dv)
     delta = (dof * out.float().transpose(1, 2)).sum(-1)  # (B, H, N)
     dq = torch.zeros((B, H, N, Dqk), device=q.device)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dk = _empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = _empty(v.shape, device=v.device, dtype=v.dtype)
     for m0 in range(0, M, chunk):
         m1 = min(m0 + chunk, M)
         kc = k[:, m0:m1].float().transpose(1, 2)

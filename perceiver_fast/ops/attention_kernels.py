@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from perceiver_fast.ops import attention as _api
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
@@ -286,6 +288,16 @@ def _attn_merge_kernel(
 # Backward
 # ---------------------------------------------------------------------------
 @triton.jit
+def _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
+                stride_vb, stride_vh, stride_dob, stride_doh):
+    """(b, h) of program axis ``pid_bh`` (int64) and the base pointers of that head."""
+    b = pid_bh // H
+    h = pid_bh % H
+    return (b, h, Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+            V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh)
+
+
+@triton.jit
 def _attn_bwd_preprocess_kernel(
     Out, DO, Delta,
     stride_ob, stride_on, stride_oh,
@@ -337,17 +349,13 @@ def _attn_bwd_dkdv_kernel(
     # head-dim chunks, and accumulates in fp32
     #   dV[:, t] += (P * Z)^T dO[:, t],  dK[:, t] += scale * dS^T Q[:, t],
     # with dS = P * (dP * Z - delta) and Z the dropout mask scaled by 1/(1-p).
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     t = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, q_base, k_base, v_base, do_base = _head_bases(
+        Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
+        stride_vb, stride_vh, stride_dob, stride_doh)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_t = t * BLOCK_D + tl.arange(0, BLOCK_D)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
     key_ok = _key_valid(Mask + b * stride_maskb, offs_m, M, HAS_MASK)
     do_k = t * BLOCK_D < Dqk
     do_v = t * BLOCK_D < Dv
@@ -412,18 +420,14 @@ def _attn_bwd_dq_kernel(
     # kernel) and accumulates dQ[:, t] += scale * dS K[:, t] in fp32. For a
     # batch-shared q the caller passes an fp32 (B, N, H, Dqk) buffer as DQ and
     # sums it over the batch.
-    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     t = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h, q_base, k_base, v_base, do_base = _head_bases(
+        Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
+        stride_vb, stride_vh, stride_dob, stride_doh)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = t * BLOCK_D + tl.arange(0, BLOCK_D)
     n_ok = offs_n < N
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
     mask_base = Mask + b * stride_maskb
     lse_log2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
@@ -498,8 +502,8 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
                          num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     Bq, N, H, Dqk = q.shape
     B, M, _, Dv = v.shape
-    out = torch.empty((B, N, H, Dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    out = _api._empty((B, N, H, Dv), device=q.device, dtype=q.dtype)
+    lse = _api._empty((B, H, N), device=q.device, dtype=torch.float32)
     if N == 0:
         return out, lse
     if M == 0:
@@ -513,8 +517,8 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
     dropout = dropout_p > 0.0
     split = num_splits > 1
     if split:
-        target = torch.empty((num_splits, B, N, H, Dv), device=q.device, dtype=torch.float32)
-        target_lse = torch.empty((num_splits, B, H, N), device=q.device, dtype=torch.float32)
+        target = _api._empty((num_splits, B, N, H, Dv), device=q.device, dtype=torch.float32)
+        target_lse = _api._empty((num_splits, B, H, N), device=q.device, dtype=torch.float32)
         so = target.stride()
         sl = target_lse.stride(0)
     else:
@@ -552,14 +556,14 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
 def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, scale: float):
     Bq, N, H, Dqk = q.shape
     B, M, _, Dv = v.shape
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dk = _api._empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = _api._empty(v.shape, device=v.device, dtype=v.dtype)
     shared = Bq == 1 and B > 1
     if N == 0 or M == 0:
         return torch.zeros(q.shape, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
-    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    delta = _api._empty((B, H, N), device=q.device, dtype=torch.float32)
     BLOCK_N = 16 if INTERPRET else 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
         out, do, delta,
@@ -591,9 +595,9 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec,
     )
     if shared:
-        dq_buf = torch.empty((B, N, H, Dqk), device=q.device, dtype=torch.float32)
+        dq_buf = _api._empty((B, N, H, Dqk), device=q.device, dtype=torch.float32)
     else:
-        dq_buf = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dq_buf = _api._empty(q.shape, device=q.device, dtype=q.dtype)
     grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, triton.cdiv(Dqk, meta["BLOCK_D"]))
     _attn_bwd_dq_kernel[grid_q](
         q, k, v, mask_t, do, lse, delta, dq_buf, seed_v,
