@@ -64,6 +64,50 @@ def folding_flops(n: int, m: int, din: int, qk_channels: int, v_channels: int, h
     return unfolded, folded
 
 
+def choose_folding(fold: FoldMode, dropout_active: bool, n: int, m: int, din: int, qk_channels: int,
+                   v_channels: int, heads: int) -> bool:
+    """Resolve ``fold`` ("auto" | True | False) to the path taken: folded when it needs fewer FLOPs."""
+    if fold is True:
+        if dropout_active:
+            raise ValueError("fold=True is not exact with attention dropout during training; "
+                             "use fold='auto' or dropout=0")
+        return True
+    if fold is False or dropout_active:
+        return False
+    unfolded, folded = folding_flops(n, m, din, qk_channels, v_channels, heads)
+    return folded < unfolded
+
+
+def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, *, attention: str,
+                 key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                 fold: bool = False) -> torch.Tensor:
+    """Multi-head cross-attention from projected queries over normalised inputs.
+
+    qh: (Bq, N, H, dh) projected queries, Bq in {1, B}; x: (B, M, Din) the
+    normalised inputs; to_k / to_v: the key and value Linears (Din -> H*dh,
+    Din -> H*dv). Returns (B, N, H*dv). ``fold=True`` takes the folded path
+    (keys = values = x, see the module docstring), else the usual one.
+    """
+    bq, n, h, dh = qh.shape
+    b, m, din = x.shape
+    dv = to_v.out_features // h
+    scale = 1.0 / math.sqrt(dh)
+    if fold:
+        # q' = Q_h W_k,h : (Bq, H, N, Din); heads stacked along the query axis, one shared kv "head".
+        qf = torch.einsum("bnhd,hde->bhne", qh, to_k.weight.view(h, dh, din)).reshape(bq, h * n, 1, din)
+        xk = x.unsqueeze(2)  # (B, M, 1, Din): keys = values = LN(x)
+        o = _dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
+                                      dropout_p=dropout_p, softmax_scale=scale)
+        o = torch.einsum("bhne,hve->bnhv", o.view(b, h, n, din), to_v.weight.view(h, dv, din))
+        o = o.reshape(b, n, h * dv)
+        return o + to_v.bias if to_v.bias is not None else o
+    k = to_k(x).view(b, m, h, dh)
+    v = to_v(x).view(b, m, h, dv)
+    o = _dispatch.cross_attention(qh, k, v, attention=attention, key_padding_mask=key_padding_mask,
+                                  dropout_p=dropout_p, softmax_scale=scale)
+    return o.reshape(b, n, h * dv)
+
+
 class MLP(nn.Module):
     """Linear(dim, hidden) -> exact GELU -> dropout -> Linear(hidden, out_dim) -> dropout."""
 
@@ -136,16 +180,8 @@ class CrossAttention(nn.Module):
 
     def use_folding(self, n: int, m: int) -> bool:
         """Whether forward takes the folded path for N queries over M inputs."""
-        dropout_active = self.training and self.dropout > 0
-        if self.fold is True:
-            if dropout_active:
-                raise ValueError("fold=True is not exact with attention dropout during training; "
-                                 "use fold='auto' or dropout=0")
-            return True
-        if self.fold is False or dropout_active:
-            return False
-        unfolded, folded = folding_flops(n, m, self.kv_dim, self.qk_channels, self.v_channels, self.heads)
-        return folded < unfolded
+        return choose_folding(self.fold, self.training and self.dropout > 0, n, m, self.kv_dim, self.qk_channels,
+                              self.v_channels, self.heads)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
         if q.dim() != 3 or kv.dim() != 3:
@@ -164,28 +200,10 @@ class CrossAttention(nn.Module):
     def _attend(self, q, kv, key_padding_mask):
         """(B, N, v_channels) attention output before the output projection."""
         bq, n, _ = q.shape
-        b, m, _ = kv.shape
-        h = self.heads
-        dh, dv = self.qk_channels // h, self.v_channels // h
-        p = self.dropout if self.training else 0.0
-        qh = self.to_q(self.norm_q(q)).view(bq, n, h, dh)
-        x = self.norm_kv(kv)
-        if self.use_folding(n, m):
-            # q' = Q_h W_k,h : (Bq, H, N, Din) -> heads stacked along the query axis.
-            wk = self.to_k.weight.view(h, dh, self.kv_dim)
-            qf = torch.einsum("bnhd,hde->bhne", qh, wk).reshape(bq, h * n, 1, self.kv_dim)
-            xk = x.unsqueeze(2)  # (B, M, 1, Din): keys = values = LN(x), one shared "head"
-            o = _dispatch.cross_attention(qf, xk, xk, attention=self.attention, key_padding_mask=key_padding_mask,
-                                          dropout_p=p, softmax_scale=1.0 / math.sqrt(dh))
-            o = o.view(b, h, n, self.kv_dim)
-            wv = self.to_v.weight.view(h, dv, self.kv_dim)
-            out = torch.einsum("bhne,hve->bnhv", o, wv).reshape(b, n, self.v_channels) + self.to_v.bias
-            return out
-        k = self.to_k(x).view(b, m, h, dh)
-        v = self.to_v(x).view(b, m, h, dv)
-        o = _dispatch.cross_attention(qh, k, v, attention=self.attention, key_padding_mask=key_padding_mask,
-                                      dropout_p=p, softmax_scale=1.0 / math.sqrt(dh))
-        return o.reshape(b, n, self.v_channels)
+        qh = self.to_q(self.norm_q(q)).view(bq, n, self.heads, self.qk_channels // self.heads)
+        return cross_attend(qh, self.norm_kv(kv), self.to_k, self.to_v, attention=self.attention,
+                            key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
+                            fold=self.use_folding(n, kv.shape[1]))
 
 
 class CrossAttentionLayer(nn.Module):
