@@ -1,0 +1,463 @@
+"""Tests of perceiver_fast.ops.attention (cross_attention, self_attention).
+
+On a machine without a GPU the Triton kernels run under the Triton interpreter
+(conftest sets TRITON_INTERPRET=1), so shapes are kept tiny. Every case runs
+both backends: "triton" (the real kernels) and "torch" (the chunked PyTorch
+fallback used for CPU tensors outside the interpreter). Every buffer the ops
+allocate starts as NaN (``_POISON``), so an element a kernel fails to write
+shows up as a mismatch.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, requires_cuda
+from perceiver_fast.ops import attention as A
+from perceiver_fast.ops.reference import attention_reference
+
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _attention_knobs():
+    saved = (A._BACKEND, A._NUM_SPLITS, A._CHUNK, A._POISON)
+    A._POISON = True
+    yield
+    A._BACKEND, A._NUM_SPLITS, A._CHUNK, A._POISON = saved
+
+
+def _dev() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=torch.float32, device=None):
+    device = device or _dev()
+    q = torch.randn(Bq, N, H, Dqk, device=device, dtype=dtype)
+    k = torch.randn(B, M, H, Dqk, device=device, dtype=dtype)
+    v = torch.randn(B, M, H, Dv, device=device, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _run(fn, tensors, grad, **kw):
+    """Output and input grads of fn(*tensors, **kw) for the upstream ``grad``."""
+    for t in tensors:
+        t.grad = None
+    out = fn(*tensors, **kw)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in tensors]
+
+
+def _reference(tensors, grad, dtype=torch.float64, **kw):
+    copies = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    return _run(attention_reference, copies, grad.to(dtype), **kw)
+
+
+def _assert_all_close(ours, ref, atol, rtol, names=("out", "dq", "dk", "dv")):
+    for name, a, b in zip(names, ours, ref):
+        assert not torch.isnan(a).any(), f"{name} has NaN (unwritten or invalid element)"
+        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_within_eager(ours, eager, ref, floor):
+    """Error vs float64 at most 2x that of same-dtype eager PyTorch, plus a floor."""
+    for name, a, e, r in zip(("out", "dq", "dk", "dv"), ours, eager, ref):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        err = (a.double() - r).abs().max().item()
+        eager_err = (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + floor, f"{name}: error {err:.3e} > 2 x eager {eager_err:.3e} + {floor}"
+
+
+def _mask(B, M, fully_masked_batch=True, device=None):
+    mask = torch.rand(B, M, device=device or _dev()) > 0.3
+    mask[:, 0] = True
+    if fully_masked_batch:
+        mask[0] = False
+    return mask
+
+
+# (Bq, B, N, M, H, Dqk, Dv, masked)
+CROSS_CASES = [
+    (2, 2, 1, 1, 1, 1, 1, False),
+    (2, 2, 17, 23, 1, 3, 3, False),
+    (1, 3, 20, 37, 2, 16, 5, True),
+    (2, 2, 33, 9, 8, 64, 64, False),
+    (2, 2, 9, 18, 2, 40, 130, True),
+    (1, 2, 5, 7, 1, 261, 261, False),
+    (2, 2, 4, 6, 1, 322, 322, True),
+    (1, 1, 3, 5, 1, 512, 512, False),
+    (1, 2, 2, 3, 1, 1024, 1024, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CROSS_CASES, ids=lambda c: "Bq{}B{}N{}M{}H{}Dqk{}Dv{}{}".format(*c[:7], "mask" if c[7] else ""))
+def test_cross_fp32_matches_float64(backend, case):
+    A._BACKEND = backend
+    Bq, B, N, M, H, Dqk, Dv, masked = case
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv)
+    mask = _mask(B, M) if masked else None
+    grad = torch.randn(B, N, H, Dv, device=q.device)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+    if masked:  # batch 0 has every key masked: zeros, zero gradients
+        assert (ours[0][0] == 0).all() and (ours[2][0] == 0).all() and (ours[3][0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [(1, 2, 19, 33, 2, 24, 40, True), (2, 2, 5, 7, 1, 261, 261, False)],
+                         ids=["shared_mask", "D261"])
+def test_cross_fp16_within_eager_error(backend, case):
+    A._BACKEND = backend
+    Bq, B, N, M, H, Dqk, Dv, masked = case
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=torch.float16)
+    mask = _mask(B, M, fully_masked_batch=False) if masked else None
+    grad = torch.randn(B, N, H, Dv, device=q.device, dtype=torch.float16)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    assert all(t.dtype == torch.float16 for t in ours)
+    eager = _run(attention_reference, [q, k, v], grad, key_padding_mask=mask)
+    ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_within_eager(ours, eager, ref, floor=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [3, 64])
+def test_self_attention_packed_qkv_views(backend, dtype, D, monkeypatch):
+    """q, k, v are views of one (B, N, 3, H, D) projection and reach the op uncopied."""
+    A._BACKEND = backend
+    B, N, H = 2, 21, 2
+    qkv = torch.randn(B, N, 3, H, D, device=_dev(), dtype=dtype, requires_grad=True)
+    seen = []
+    real_fwd = A.attention_fwd_chunked
+    monkeypatch.setattr(A, "attention_fwd_chunked", lambda q, *a, **kw: seen.append(q) or real_fwd(q, *a, **kw))
+    if backend == "triton":
+        from perceiver_fast.ops import attention_kernels as AK
+
+        real_tri = AK.attention_fwd_triton
+        monkeypatch.setattr(AK, "attention_fwd_triton", lambda q, *a, **kw: seen.append(q) or real_tri(q, *a, **kw))
+    grad = torch.randn(B, N, H, D, device=_dev(), dtype=dtype)
+    out = A.self_attention(*qkv.unbind(2))
+    out.backward(grad)
+    assert seen and seen[0].data_ptr() == qkv.data_ptr() and seen[0].stride() == qkv[:, :, 0].stride()
+    ref_qkv = qkv.detach().double().requires_grad_()
+    ref = attention_reference(*ref_qkv.unbind(2))
+    ref.backward(grad.double())
+    if dtype == torch.float32:
+        _assert_all_close([out, qkv.grad], [ref, ref_qkv.grad], atol=2e-5, rtol=1e-5, names=("out", "dqkv"))
+    else:
+        e_qkv = qkv.detach().clone().requires_grad_()
+        eager = attention_reference(*e_qkv.unbind(2))
+        eager.backward(grad)
+        for name, a, e, r in (("out", out, eager, ref), ("dqkv", qkv.grad, e_qkv.grad, ref_qkv.grad)):
+            err, eager_err = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+            assert err <= 2 * eager_err + 2e-3, f"{name}: {err:.3e} vs eager {eager_err:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_packed_kv_views(backend):
+    A._BACKEND = backend
+    B, N, M, H, D = 2, 9, 26, 2, 12
+    latents = torch.randn(1, N, H, D, device=_dev(), requires_grad=True)
+    kv = torch.randn(B, M, 2, H, D, device=_dev(), requires_grad=True)
+    grad = torch.randn(B, N, H, D, device=_dev())
+    out = A.cross_attention(latents, *kv.unbind(2))
+    out.backward(grad)
+    rl, rkv = latents.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+    ref = attention_reference(rl, *rkv.unbind(2))
+    ref.backward(grad.double())
+    _assert_all_close([out, latents.grad, kv.grad], [ref, rl.grad, rkv.grad], atol=2e-5, rtol=1e-5,
+                      names=("out", "dlatents", "dkv"))
+
+
+def test_softmax_scale_and_self_attention_head_dim_256():
+    A._BACKEND = "triton"
+    q, k, v = _inputs(1, 1, 5, 5, 1, 256, 256)
+    grad = torch.randn(1, 5, 1, 256, device=q.device)
+    ours = _run(A.self_attention, [q, k, v], grad, softmax_scale=0.3)
+    ref = _reference([q, k, v], grad, softmax_scale=0.3)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_split_kv_on_off_agree():
+    """Split-KV (including more splits than key blocks) gives the unsplit answer."""
+    A._BACKEND = "triton"
+    q, k, v = _inputs(1, 2, 18, 40, 2, 20, 36)
+    mask = _mask(2, 40)
+    mask[1, 17:] = False  # whole splits of batch 1 fully masked
+    grad = torch.randn(2, 18, 2, 36, device=q.device)
+    results = {}
+    for splits in (1, 2, 3, 64):
+        A._NUM_SPLITS = splits
+        results[splits] = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    for splits in (2, 3, 64):
+        _assert_all_close(results[splits], results[1], atol=1e-6, rtol=1e-6)
+    ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_all_close(results[3], ref, atol=2e-5, rtol=1e-5)
+
+
+def test_choose_num_splits():
+    from perceiver_fast.ops.attention_kernels import choose_num_splits
+
+    cpu = torch.device("cpu")
+    # Many programs already: no split. Few programs and many keys: split.
+    assert choose_num_splits(8, 8, 512, 512, 128, cpu) == 1
+    assert choose_num_splits(1, 1, 64, 50176, 512, cpu) > 1
+    assert choose_num_splits(1, 1, 64, 100, 64, cpu) == 1  # too few keys to split
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_fallback_many_chunks(backend):
+    """The fallback's online softmax across several key chunks (chunk 8, M 37)."""
+    A._BACKEND = backend
+    A._CHUNK = 8
+    q, k, v = _inputs(1, 2, 6, 37, 2, 5, 7)
+    mask = _mask(2, 37)
+    grad = torch.randn(2, 6, 2, 7, device=q.device)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequences(backend):
+    A._BACKEND = backend
+    q, k, v = _inputs(2, 2, 0, 5, 1, 4, 6)
+    out = A.cross_attention(q, k, v)
+    assert out.shape == (2, 0, 1, 6)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (k.grad == 0).all() and (v.grad == 0).all()
+
+    q, k, v = _inputs(1, 2, 3, 0, 1, 4, 6)
+    out = A.cross_attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool, device=q.device))
+    assert out.shape == (2, 3, 1, 6) and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+# ---------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------
+def _keep_mask(backend, seed, B, H, N, M, p, device):
+    if backend == "triton":
+        from perceiver_fast.ops.attention_kernels import dropout_keep_mask
+
+        return dropout_keep_mask(seed, B, H, N, M, p, device)
+    return A._chunk_keep(seed, 0, (B, H, N, M), p, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_matches_reference_with_same_mask(backend):
+    """Forward and backward apply the same mask: rebuild it and compare in float64."""
+    A._BACKEND = backend
+    B, N, M, H, D, p = 2, 17, 23, 2, 8, 0.3
+    q, k, v = _inputs(1, B, N, M, H, D, D)
+    mask = _mask(B, M, fully_masked_batch=False)
+    grad = torch.randn(B, N, H, D, device=q.device)
+    torch.manual_seed(5)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    torch.manual_seed(5)
+    seed = int(A._draw_seed(p).item())
+    keep = _keep_mask(backend, seed, B, H, N, M, p, q.device)
+
+    def masked_reference(q, k, v):
+        s = torch.einsum("bnhd,bmhd->bhnm", q.expand(B, -1, -1, -1), k) * D**-0.5
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = s.softmax(-1) * keep / (1 - p)
+        return torch.einsum("bhnm,bmhd->bnhd", probs, v)
+
+    copies = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _run(masked_reference, copies, grad.double())
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_keep_rate(backend):
+    """Uniform attention over M keys and v = identity: out[n, j] = keep / ((1 - p) M)."""
+    A._BACKEND = backend
+    B, N, M, p = 2, 32, 32, 0.25
+    q = torch.zeros(1, N, 1, 4, device=_dev())
+    k = torch.randn(B, M, 1, 4, device=_dev())
+    v = torch.eye(M, device=_dev()).expand(B, M, M).reshape(B, M, 1, M)
+    out = A.cross_attention(q, k, v, dropout_p=p)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / ((1 - p) * M)))
+    rate = kept.float().mean().item()
+    assert abs(rate - (1 - p)) < 0.03, rate  # 2048 draws: 3 sigma ~ 0.029
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_reproducible_under_manual_seed(backend):
+    A._BACKEND = backend
+    q, k, v = [t.detach() for t in _inputs(2, 2, 9, 11, 1, 8, 8)]
+    torch.manual_seed(123)
+    a = A.cross_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(123)
+    b = A.cross_attention(q, k, v, dropout_p=0.5)
+    c = A.cross_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = A.self_attention(q, q, q, dropout_p=0.0)
+    assert torch.equal(d, A.self_attention(q, q, q))
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+def _bad_cases():
+    B, N, M, H, D = 2, 3, 5, 2, 4
+    q = torch.randn(B, N, H, D)
+    k = torch.randn(B, M, H, D)
+    v = torch.randn(B, M, H, D)
+    mask = torch.ones(B, M, dtype=torch.bool)
+    packed = torch.randn(B, M, H, 2 * D)[..., ::2]
+    cases = [
+        ("rank", A.cross_attention, (q[0], k, v), {}, ValueError, "q must be 4-D"),
+        ("batch", A.cross_attention, (torch.randn(3, N, H, D), k, v), {}, ValueError, "Bq in"),
+        ("heads", A.cross_attention, (torch.randn(B, N, 1, D), k, v), {}, ValueError, "q (2, 3, 1, 4)"),
+        ("dqk", A.cross_attention, (torch.randn(B, N, H, D + 1), k, v), {}, ValueError, "Dqk=4"),
+        ("kv", A.cross_attention, (q, k, torch.randn(B, M + 1, H, D)), {}, ValueError, "v (2, 6, 2, 4)"),
+        ("dtype", A.cross_attention, (q, k, v.half()), {}, TypeError, "share a dtype"),
+        ("float64", A.cross_attention, (q.double(), k.double(), v.double()), {}, TypeError, "float64"),
+        ("stride", A.cross_attention, (q, packed, v), {}, ValueError, "last-dim stride 2"),
+        ("mask_dtype", A.cross_attention, (q, k, v), {"key_padding_mask": mask.float()}, TypeError, "bool"),
+        ("mask_shape", A.cross_attention, (q, k, v), {"key_padding_mask": mask[:, :3]}, ValueError, "(2, 3)"),
+        ("dropout_high", A.cross_attention, (q, k, v), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ("dropout_neg", A.self_attention, (q, q, q), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ("head_dim", A.self_attention, (torch.randn(1, 2, 1, 257),) * 3, {}, ValueError, "D=257"),
+        ("head_dim_cross", A.cross_attention, (torch.randn(1, 2, 1, 4097), torch.randn(1, 2, 1, 4097),
+                                               torch.randn(1, 2, 1, 3)), {}, ValueError, "Dqk=4097"),
+        ("self_shape", A.self_attention, (q, k, v), {}, ValueError, "must all be (B, N, H, D)"),
+        ("not_tensor", A.self_attention, (q, q, 3), {}, TypeError, "v must be a torch.Tensor"),
+    ]
+    if HAS_CUDA:
+        cases.append(("device", A.cross_attention, (q, k.cuda(), v), {}, ValueError, "one device"))
+        cases.append(("mask_device", A.cross_attention, (q.cuda(), k.cuda(), v.cuda()),
+                      {"key_padding_mask": mask}, ValueError, "key_padding_mask is on"))
+    return cases
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_errors(case):
+    _, fn, args, kw, exc, text = case
+    with pytest.raises(exc) as info:
+        fn(*args, **kw)
+    assert text in str(info.value), str(info.value)
+
+
+def test_mixed_devices_error_names_devices():
+    q = torch.randn(1, 2, 1, 4)
+    k = torch.randn(1, 3, 1, 4, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        A.cross_attention(q, k, k)
+
+
+# ---------------------------------------------------------------------------
+# torch.library and torch.compile
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    A._BACKEND = backend
+    q, k, v = [t.detach() for t in _inputs(1, 2, 5, 7, 1, 6, 3)]
+    mask = _mask(2, 7)
+    seed = torch.tensor([7])
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_fwd.default, (q, k, v, mask, seed, 0.2, 0.4, 2))
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_fwd.default, (q, k, v, None, None, 0.0, 0.4, 0))
+    out, lse = torch.ops.perceiver_fast.attention_fwd(q, k, v, mask, seed, 0.2, 0.4, 1)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_bwd.default,
+                          (grad, q, k, v, out, lse, mask, seed, 0.2, 0.4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    A._BACKEND = backend
+    q, k, v = _inputs(1, 2, 6, 9, 2, 8, 8)
+    mask = _mask(2, 9, fully_masked_batch=False)
+
+    def f(q, k, v):
+        x = A.cross_attention(q, k, v, key_padding_mask=mask, dropout_p=0.1)
+        return A.self_attention(x, x, x).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(1)
+    eager_loss = f(q, k, v)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_backend_switch_validation():
+    A._BACKEND = "cuda-please"
+    q, k, v = [t.detach() for t in _inputs(1, 1, 2, 2, 1, 4, 4)]
+    with pytest.raises(ValueError, match="_BACKEND"):
+        A.cross_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("case", [(1, 4, 300, 3000, 1, 512, 512), (2, 2, 130, 2000, 1, 261, 261),
+                                  (2, 2, 77, 3136, 1, 322, 322), (2, 2, 197, 197, 12, 64, 64),
+                                  (1, 2, 256, 1024, 8, 128, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision_within_eager_error(case, dtype):
+    Bq, B, N, M, H, Dqk, Dv = case
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=dtype, device="cuda")
+    mask = _mask(B, M, fully_masked_batch=False, device="cuda")
+    grad = torch.randn(B, N, H, Dv, device="cuda", dtype=dtype)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    eager = _run(attention_reference, [q, k, v], grad, key_padding_mask=mask)
+    ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_within_eager(ours, eager, ref, floor=1e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_gpu_fp32_follows_allow_tf32(allow_tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    q, k, v = _inputs(1, 2, 100, 700, 2, 96, 80, device="cuda")
+    grad = torch.randn(2, 100, 2, 80, device="cuda")
+    ours = _run(A.cross_attention, [q, k, v], grad)
+    ref = _reference([q, k, v], grad)
+    if allow_tf32:
+        eager = _run(attention_reference, [q, k, v], grad)
+        _assert_within_eager(ours, eager, ref, floor=1e-4)
+    else:
+        _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+@requires_cuda
+def test_gpu_split_kv_large_m_and_dropout():
+    q, k, v = _inputs(1, 2, 64, 20000, 1, 64, 64, device="cuda")
+    grad = torch.randn(2, 64, 1, 64, device="cuda")
+    A._NUM_SPLITS = 1
+    one = _run(A.cross_attention, [q, k, v], grad)
+    A._NUM_SPLITS = None
+    auto = _run(A.cross_attention, [q, k, v], grad)
+    _assert_all_close(auto, one, atol=1e-5, rtol=1e-5)
+    out = A.cross_attention(q.detach(), k.detach(), torch.ones_like(v).detach(), dropout_p=0.2)
+    assert (out.float().mean() - 1).abs() < 0.02
+
+
+@requires_cuda
+def test_gpu_int64_offsets():
+    """B * M * H * D > 2**31 elements in k: the last batch's keys must be addressed correctly."""
+    B, M, H, D = 2, 1 << 20, 1, 1040  # 2 * 2**20 * 1040 > 2**31
+    k = torch.randn(B, M, H, D, device="cuda", dtype=torch.float16)
+    v = torch.randn(B, M, H, 16, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 4, H, D, device="cuda", dtype=torch.float16)
+    mask = torch.zeros(B, M, dtype=torch.bool, device="cuda")
+    mask[:, -3:] = True
+    out = A.cross_attention(q, k, v, key_padding_mask=mask)
+    ref = attention_reference(q.double(), k[:, -3:].double(), v[:, -3:].double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    del k, v
