@@ -197,6 +197,18 @@ def test_split_kv_on_off_agree():
     _assert_all_close(results[3], ref, atol=2e-5, rtol=1e-5)
 
 
+def test_strided_mask():
+    """A mask view with a non-unit key stride is honoured."""
+    A._BACKEND = "triton"
+    q, k, v = _inputs(2, 2, 7, 13, 1, 8, 8)
+    mask = (torch.rand(2, 26, device=q.device) > 0.4)[:, ::2]
+    mask[:, 0] = True
+    grad = torch.randn(2, 7, 1, 8, device=q.device)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+
+
 def test_choose_num_splits():
     from perceiver_fast.ops.attention_kernels import choose_num_splits
 

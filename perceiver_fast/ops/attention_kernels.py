@@ -47,7 +47,7 @@ _CPU_NOMINAL_SMS = 8
 # ---------------------------------------------------------------------------
 def _fwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 32, "BLOCK_DV": 64}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 64, "BLOCK_DV": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DV": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DV": 128}, num_warps=4, num_stages=2),
@@ -59,7 +59,7 @@ def _fwd_configs():
 
 def _bwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 32, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
@@ -232,11 +232,11 @@ def _attn_fwd_kernel(
     else:
         lse = tl.where(empty, float("inf"), lse)
     n_ok = offs_n < N
-    o_ptrs = (Out + split * stride_os + b * stride_ob + h * stride_oh
+    o_ptrs = (Out + split.to(tl.int64) * stride_os + b * stride_ob + h * stride_oh
               + offs_n.to(tl.int64)[:, None] * stride_on + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < Dv))
     if dv_tile == 0:
-        tl.store(Lse + split * stride_ls + pid_bh * N + offs_n, lse, mask=n_ok)
+        tl.store(Lse + split.to(tl.int64) * stride_ls + pid_bh * N + offs_n, lse, mask=n_ok)
 
 
 @triton.jit
@@ -263,15 +263,20 @@ def _attn_merge_kernel(
     mask2 = n_ok[:, None] & (offs_dv[None, :] < Dv)
     lse_base = PartLse + pid_bh * N + offs_n
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(lse_base + s * stride_ls, mask=n_ok, other=float("-inf")))
+    lse_ptrs = lse_base
+    for _ in range(0, num_splits):  # pointers advance in 64-bit, no int32 products
+        m = tl.maximum(m, tl.load(lse_ptrs, mask=n_ok, other=float("-inf")))
+        lse_ptrs += stride_ls
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     p_base = Part + b * stride_pb + h * stride_ph + offs_n.to(tl.int64)[:, None] * stride_pn + offs_dv[None, :]
-    for s in range(0, num_splits):
-        w = tl.exp(tl.load(lse_base + s * stride_ls, mask=n_ok, other=float("-inf")) - m_safe)
-        part = tl.load(p_base + s * stride_ps, mask=mask2, other=0.0)
+    lse_ptrs = lse_base
+    for _ in range(0, num_splits):
+        w = tl.exp(tl.load(lse_ptrs, mask=n_ok, other=float("-inf")) - m_safe)
+        part = tl.load(p_base, mask=mask2, other=0.0)
+        lse_ptrs += stride_ls
+        p_base += stride_ps
         acc += w[:, None] * part
         l += w
     empty = l == 0.0
@@ -491,6 +496,8 @@ def choose_num_splits(B: int, H: int, N: int, M: int, Dv: int, device: torch.dev
 def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor):
     if mask is None:
         return q, 0, False  # dummy pointer, never read
+    if mask.shape[1] > 1 and mask.stride(1) != 1:
+        mask = mask.contiguous()  # (B, M) bools: a cheap copy, unlike q/k/v
     return mask.view(torch.uint8), mask.stride(0), True
 
 
