@@ -28,14 +28,21 @@ def check_attention(attention: str) -> str:
     return attention
 
 
+try:  # imported eagerly (not inside the forward) so torch.compile traces the calls without graph breaks
+    from perceiver_fast.ops import attention as _attention_ops
+    _ATTENTION_IMPORT_ERROR = None
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    _attention_ops = None
+    _ATTENTION_IMPORT_ERROR = _exc
+
+
 def _fused_ops():
-    try:
-        return importlib.import_module("perceiver_fast.ops.attention")
-    except ImportError as exc:  # pragma: no cover - depends on the tree's state
+    if _attention_ops is None:  # pragma: no cover
         raise ImportError(
             "attention='fused' needs perceiver_fast.ops.attention (the Triton kernels), which could not be "
-            f"imported ({exc}); use attention='eager' or install triton"
-        ) from exc
+            f"imported ({_ATTENTION_IMPORT_ERROR}); use attention='eager' or install triton"
+        )
+    return _attention_ops
 
 
 def fused_available() -> bool:

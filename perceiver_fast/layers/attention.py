@@ -95,7 +95,7 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     if fold:
         # q' = Q_h W_k,h : (Bq, H, N, Din); heads stacked along the query axis, one shared kv "head".
         qf = torch.einsum("bnhd,hde->bhne", qh, to_k.weight.view(h, dh, din)).reshape(bq, h * n, 1, din)
-        xk = x.unsqueeze(2)  # (B, M, 1, Din): keys = values = LN(x)
+        xk = x.to(qf.dtype).unsqueeze(2)  # (B, M, 1, Din): keys = values = LN(x) (LN is fp32 under autocast)
         o = _dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
                                       dropout_p=dropout_p, softmax_scale=scale)
         o = torch.einsum("bhne,hve->bnhv", o.view(b, h, n, din), to_v.weight.view(h, dv, din))

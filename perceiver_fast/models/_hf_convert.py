@@ -73,6 +73,17 @@ def perceiver_io_from_hf(cls, hf_model, *, attention: str = "fused", fold="auto"
         if kind == "conv":
             kwargs.update(prep_channels=prep.out_channels)
     model = cls(**kwargs)
+    ref = next(iter(hf_model.parameters()))
+    model.to(device=ref.device, dtype=ref.dtype)  # before loading: load_state_dict keeps our dtype
+    model.load_state_dict(hf_state_dict(perceiver, kind), strict=True)
+    model.train(hf_model.training)
+    return model
+
+
+def hf_state_dict(perceiver, kind: str) -> dict:
+    """Our PerceiverIO state_dict from an HF PerceiverModel (``kind``: learned | fourier | conv)."""
+    prep = perceiver.input_preprocessor
+    decoder = perceiver.decoder
 
     sd = {"latents": perceiver.embeddings.latents.detach()}
     if kind == "learned":
@@ -92,8 +103,4 @@ def perceiver_io_from_hf(cls, hf_model, *, attention: str = "fused", fold="auto"
     sd["decoder.query.position_embeddings"] = dec.output_position_encodings.position_embeddings.detach()
     _cross_layer(sd, "decoder.cross", dec.decoding_cross_attention)
     _copy_linear(sd, "decoder.head", dec.final_layer)
-    model.load_state_dict(sd, strict=True)
-    ref = next(iter(hf_model.parameters()))
-    model.to(device=ref.device, dtype=ref.dtype)
-    model.train(hf_model.training)
-    return model
+    return sd

@@ -1,0 +1,154 @@
+"""Parity with transformers' Perceiver: PerceiverIO.from_hf and patch_hf_perceiver (no network: random init)."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+mp = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
+
+from perceiver_fast.integrations import patch_hf_perceiver, unpatch_hf_perceiver  # noqa: E402
+from perceiver_fast.models import PerceiverIO  # noqa: E402
+from perceiver_fast.models._hf_convert import hf_state_dict  # noqa: E402
+
+VARIANTS = {
+    "learned": (transformers.PerceiverForImageClassificationLearned, 8),
+    "fourier": (transformers.PerceiverForImageClassificationFourier, 8),
+    "conv": (transformers.PerceiverForImageClassificationConvProcessing, 12),
+}
+
+
+def _hf(kind, dropout=0.0, **overrides):
+    cls, image_size = VARIANTS[kind]
+    cfg = dict(num_latents=4, d_latents=16, num_blocks=2, num_self_attends_per_block=1, num_self_attention_heads=2,
+               num_cross_attention_heads=1, image_size=image_size, num_labels=5, initializer_range=0.2,
+               attention_probs_dropout_prob=dropout)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return cls(transformers.PerceiverConfig(**cfg)), image_size
+
+
+def _grads_as_ours(hf_model, kind):
+    """The HF model's gradients, laid out as our PerceiverIO's state_dict."""
+    shadow = copy.deepcopy(hf_model)
+    for p_shadow, p in zip(shadow.parameters(), hf_model.parameters()):
+        p_shadow.data = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    return hf_state_dict(shadow.perceiver, kind)
+
+
+@pytest.mark.parametrize("kind", sorted(VARIANTS))
+def test_from_hf_float64_eager_is_exact(kind):
+    hf, size = _hf(kind)
+    hf = hf.double().eval()
+    ours = PerceiverIO.from_hf(hf, attention="eager")
+    assert next(ours.parameters()).dtype == torch.float64 and not ours.training
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    # Not bit-exact: attention_reference takes its softmax in float32, and HF builds the Fourier
+    # features in float32 even for a float64 model. Still ~100x tighter than a float32 comparison.
+    tol = dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours(x), hf(inputs=x).logits, **tol)
+
+
+@pytest.mark.parametrize("kind", sorted(VARIANTS))
+def test_from_hf_fused_logits_and_gradients(kind):
+    hf, size = _hf(kind)
+    hf.train()  # dropout is 0; conv's BatchNorm uses batch statistics in both
+    ours = PerceiverIO.from_hf(hf, attention="fused", fold=True)  # the folded path against HF's unfolded one
+    x = torch.randn(2, 3, size, size)
+    y = torch.tensor([1, 3])
+    hf_out = hf(inputs=x, labels=y)
+    logits = ours(x)
+    torch.testing.assert_close(logits, hf_out.logits, rtol=1e-4, atol=1e-5)
+    hf_out.loss.backward()
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    want = _grads_as_ours(hf, kind)
+    for name, p in ours.named_parameters():
+        if p.grad is None:
+            assert name.endswith("to_k.bias"), name  # unused by the folded path; its true gradient is 0
+            assert want[name].abs().max() < 1e-6
+            continue
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", sorted(VARIANTS))
+def test_patch_hf_perceiver_eval_logits_equal(kind):
+    hf, size = _hf(kind)
+    hf.eval()
+    patched = patch_hf_perceiver(copy.deepcopy(hf))
+    assert type(patched.perceiver.encoder.cross_attention.attention.self).__name__ == "FastPerceiverSelfAttention"
+    assert list(patched.state_dict()) == list(hf.state_dict())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(inputs=x).logits, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+    unpatch_hf_perceiver(patched)
+    assert type(patched.perceiver.encoder.cross_attention.attention.self) is mp.PerceiverSelfAttention
+
+
+def test_patch_hf_perceiver_training_gradients_and_mask():
+    hf, size = _hf("fourier")
+    hf.train()
+    patched = patch_hf_perceiver(copy.deepcopy(hf))
+    x = torch.randn(2, 3, size, size)
+    y = torch.tensor([0, 4])
+    mask = torch.ones(2, size * size)
+    mask[1, 40:] = 0  # key padding of the inputs
+    out_hf = hf(inputs=x, labels=y, attention_mask=mask)
+    out_p = patched(inputs=x, labels=y, attention_mask=mask)
+    torch.testing.assert_close(out_p.logits, out_hf.logits, rtol=1e-4, atol=1e-5)
+    out_hf.loss.backward()
+    out_p.loss.backward()
+    for (name, p), q in zip(patched.named_parameters(), hf.parameters()):
+        if p.grad is None:
+            assert "key.bias" in name and q.grad.abs().max() < 1e-6
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_patch_hf_perceiver_trains_with_dropout():
+    hf, size = _hf("learned", dropout=0.1)
+    patched = patch_hf_perceiver(hf).train()
+    x = torch.randn(2, 3, size, size)
+    loss = patched(inputs=x, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert patched.perceiver.embeddings.latents.grad.abs().sum() > 0
+
+
+def test_patched_fourier_features_are_built_by_our_encoder(monkeypatch):
+    hf, size = _hf("fourier")
+    hf.eval()
+    x = torch.randn(1, 3, size, size)
+    want = hf(inputs=x).logits
+    patch_hf_perceiver(hf)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("HF's CPU Fourier construction was called")
+
+    monkeypatch.setattr(mp, "build_linear_positions", forbidden)
+    monkeypatch.setattr(mp, "generate_fourier_features", forbidden)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(inputs=x).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_output_attentions_falls_back_to_hf():
+    hf, size = _hf("learned")
+    hf.eval()
+    patched = patch_hf_perceiver(copy.deepcopy(hf))
+    x = torch.randn(1, 3, size, size)
+    out = patched(inputs=x, output_attentions=True)
+    assert out.cross_attentions[0].shape == (1, 1, 4, size * size)
+    torch.testing.assert_close(out.logits, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_uses():
+    with pytest.raises(ValueError, match="no transformers PerceiverSelfAttention"):
+        patch_hf_perceiver(torch.nn.Linear(2, 2))
+    hf, _ = _hf("learned")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        patch_hf_perceiver(hf, attention="sdpa")
+    bare = transformers.PerceiverModel(transformers.PerceiverConfig(num_latents=2, d_latents=8, d_model=8,
+                                                                    num_self_attends_per_block=1,
+                                                                    num_self_attention_heads=1,
+                                                                    num_cross_attention_heads=1))
+    with pytest.raises(ValueError, match="from_hf converts"):
+        PerceiverIO.from_hf(bare)
