@@ -1,0 +1,401 @@
+"""``perceiver-fast train``: train a Perceiver, Perceiver IO or ViT on a small image dataset.
+
+The default dataset is scikit-learn's bundled digits (1797 8x8 grey images,
+no download), split train/test with a fixed seed. A user's ``.npz`` works too:
+``x`` N x H x W x C uint8 and ``y`` N integer labels.
+
+Outputs (in ``--out``): ``model.safetensors`` (the state_dict) with
+``config.json`` (how to rebuild the model), ``metrics.json`` (per-epoch loss and
+accuracy, final test accuracy, wall time) and ``training.png`` (loss and
+accuracy curves).
+
+Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel:
+process group from the environment (nccl on GPUs, gloo on CPUs), a
+DistributedSampler over the training set; rank 0 prints and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from perceiver_fast.cli import UsageError
+
+MODELS = ("perceiver", "perceiver-io", "vit")
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor  # (N, C, H, W) float32, normalised
+    y_train: torch.Tensor  # (N,) int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    name: str
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W)"""
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+
+def load_arrays(dataset: str) -> Tuple[np.ndarray, np.ndarray, str]:
+    """(x uint8 N x H x W x C, y int N, name). Raises UsageError with a one-line reason."""
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        # 0..16 grey levels -> 0..255 uint8, one channel
+        x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+        return x, d.target.astype(np.int64), "digits"
+    path = os.path.expanduser(dataset)
+    if not path.endswith(".npz"):
+        raise UsageError(f"--dataset must be 'digits' or a .npz file, got {dataset!r}")
+    if not os.path.isfile(path):
+        raise UsageError(f"dataset file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"x", "y"} <= keys:
+                raise UsageError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(keys) or 'nothing'}")
+            x, y = f["x"], f["y"]
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot read {path} as .npz: {type(e).__name__}: {e}") from None
+    if x.ndim != 4 or x.dtype != np.uint8:
+        raise UsageError(f"x must be an N x H x W x C uint8 array; {path} has x of shape {tuple(x.shape)} "
+                         f"and dtype {x.dtype}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+        raise UsageError(f"y must be N integer labels matching x (N = {x.shape[0]}); {path} has y of shape "
+                         f"{tuple(y.shape)} and dtype {y.dtype}")
+    if x.shape[0] < 10:
+        raise UsageError(f"{path} has only {x.shape[0]} examples; need at least 10 to split train/test")
+    if y.min() < 0:
+        raise UsageError(f"labels must be >= 0; {path} has y.min() = {y.min()}")
+    return x, y.astype(np.int64), os.path.basename(path)
+
+
+def make_dataset(dataset: str, test_fraction: float = 0.2, seed: int = 0, limit: Optional[int] = None) -> Dataset:
+    x, y, name = load_arrays(dataset)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(x))
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    test, train = idx[:n_test], idx[n_test:]
+    xf = x.astype(np.float32) / 255.0
+    mean = xf[train].mean(axis=(0, 1, 2), keepdims=True)
+    std = xf[train].std(axis=(0, 1, 2), keepdims=True) + 1e-6
+    xf = ((xf - mean) / std).transpose(0, 3, 1, 2)  # NHWC -> NCHW, the models' layout
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return Dataset(t(xf[train]), t(y[train]), t(xf[test]), t(y[test]), int(y.max()) + 1, name)
+
+
+def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to max_shift pixels (zero padded), per image. x (B, C, H, W)."""
+    if max_shift <= 0:
+        return x
+    B, C, H, W = x.shape
+    pad = F.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (B,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (B,), generator=gen)
+    rows = (dy[:, None] + torch.arange(H)[None])  # (B, H)
+    cols = (dx[:, None] + torch.arange(W)[None])  # (B, W)
+    b = torch.arange(B)[:, None, None]
+    out = pad[b, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# models
+
+# Model keyword arguments for small images (digits: 8x8x1). "tiny" is for tests.
+PRESETS: Dict[str, Dict[str, Dict]] = {
+    "perceiver": {
+        "default": dict(patch_size=1, num_latents=16, latent_dim=64, cross_heads=1, self_heads=4, depth=2,
+                        num_iterations=2, mlp_ratio=2),
+        "tiny": dict(patch_size=2, num_latents=4, latent_dim=16, cross_heads=1, self_heads=2, depth=1,
+                     num_iterations=1, mlp_ratio=1),
+    },
+    "perceiver-io": {
+        "default": dict(preprocessing="fourier", num_bands=4, num_latents=16, latent_dim=64, num_blocks=2,
+                        num_self_attends_per_block=2, self_heads=4),
+        "tiny": dict(preprocessing="fourier", num_bands=2, num_latents=4, latent_dim=16, num_blocks=1,
+                     num_self_attends_per_block=1, self_heads=2),
+    },
+    "vit": {
+        "default": dict(patch_size=2, dim=64, depth=4, heads=4, mlp_ratio=2.0),
+        "tiny": dict(patch_size=4, dim=16, depth=1, heads=2, mlp_ratio=1.0),
+    },
+}
+
+
+def build_model(model: str, image_shape, num_classes: int, attention: str, size: str = "default",
+                overrides: Optional[Dict] = None):
+    """(nn.Module, keyword arguments to rebuild it). image_shape is (C, H, W); the model takes (B, C, H, W)."""
+    if model not in MODELS:
+        raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    from perceiver_fast import models as M
+
+    cls = {"perceiver": M.Perceiver, "perceiver-io": M.PerceiverIO, "vit": M.ViT}[model]
+    C, H, W = image_shape
+    kw = dict(PRESETS[model][size], **(overrides or {}))
+    patch = kw.get("patch_size")
+    if patch and (H % patch or W % patch):
+        kw["patch_size"] = 1
+    kw.update(image_size=(H, W), in_channels=C, num_classes=num_classes, attention=attention)
+    try:
+        net = cls(**kw)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"cannot build {model} for images of shape {tuple(image_shape)}: {e}") from None
+    kw["image_size"] = [H, W]
+    return net, kw
+
+
+# ---------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: Optional[str]) -> Tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(), dev
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, True), dev
+
+
+# ---------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    model: str = "perceiver"
+    dataset: str = "digits"
+    attention: str = "fused"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    shift: int = 1
+    test_fraction: float = 0.2
+    seed: int = 0
+    size: str = "default"
+    max_steps: Optional[int] = None
+    limit: Optional[int] = None
+    device: Optional[str] = None
+    out: str = "runs/train"
+    quiet: bool = False
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, device, batch_size: int = 256) -> Tuple[float, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            logits = model(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(-1) == yb).sum().item()
+    model.train()
+    return loss_sum / len(x), correct / len(x)
+
+
+def save_plot(history: List[Dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [h["epoch"] for h in history]
+    a.plot(ep, [h["train_loss"] for h in history], marker="o", label="train")
+    a.plot(ep, [h["test_loss"] for h in history], marker="o", label="test")
+    a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    b.plot(ep, [h["train_acc"] for h in history], marker="o", label="train")
+    b.plot(ep, [h["test_acc"] for h in history], marker="o", label="test")
+    b.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.01))
+    for ax in (a, b):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig) -> Dict:
+    """Train; returns the metrics dict (also written to out/metrics.json)."""
+    if cfg.model not in MODELS:
+        raise UsageError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    if cfg.attention not in ("fused", "eager"):
+        raise UsageError(f"--attention must be fused or eager, got {cfg.attention!r}")
+    dist_info, device = init_distributed(cfg.device)
+    log = (lambda *a: print(*a, flush=True)) if dist_info.main and not cfg.quiet else (lambda *a: None)
+    try:
+        torch.manual_seed(cfg.seed)
+        data = make_dataset(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.limit)
+        model, model_cfg = build_model(cfg.model, data.image_shape, data.num_classes, cfg.attention, cfg.size)
+        model = model.to(device)
+        nparam = sum(p.numel() for p in model.parameters())
+        log(f"{cfg.model} ({nparam / 1e3:.1f}k params, attention={cfg.attention}) on {data.name}: "
+            f"{len(data.x_train)} train / {len(data.x_test)} test images of {data.image_shape}, "
+            f"{data.num_classes} classes, device {device}" +
+            (f", DDP world {dist_info.world}" if dist_info.enabled else ""))
+        if cfg.attention == "fused" and device.type == "cpu":
+            from perceiver_fast.bench.runner import fused_path
+
+            log(f"fused attention on CPU runs the ops' {fused_path('cpu')} path (the Triton kernels need a GPU)")
+        net = model
+        if dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_set = torch.utils.data.TensorDataset(data.x_train, data.y_train)
+        sampler = None
+        if dist_info.enabled:
+            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist_info.world,
+                                                          rank=dist_info.rank, shuffle=True, seed=cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed + dist_info.rank)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
+                                             sampler=sampler, drop_last=len(train_set) > cfg.batch_size,
+                                             generator=gen)
+        steps_per_epoch = max(1, len(loader))
+        total = steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        history: List[Dict] = []
+        step_losses: List[float] = []
+        step = 0
+        t0 = time.time()
+        epoch = 0
+        while step < total:
+            epoch += 1
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            net.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for xb, yb in loader:
+                if step >= total:
+                    break
+                xb = augment(xb, cfg.shift, gen).to(device)
+                yb = yb.to(device)
+                logits = net(xb).float()
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                step_losses.append(loss.item())
+                loss_sum += loss.item() * len(yb)
+                correct += (logits.argmax(-1) == yb).sum().item()
+                seen += len(yb)
+            test_loss, test_acc = evaluate(model, data.x_test, data.y_test, device)
+            h = dict(epoch=epoch, step=step, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
+                     test_loss=test_loss, test_acc=test_acc, elapsed_s=round(time.time() - t0, 2))
+            history.append(h)
+            log(f"epoch {epoch:3d} step {step:5d}/{total}  loss {h['train_loss']:.4f}  train acc {h['train_acc']:.3f}"
+                f"  test loss {test_loss:.4f}  test acc {test_acc:.4f}  {h['elapsed_s']:.1f} s")
+        elapsed = time.time() - t0
+        metrics = dict(config=asdict(cfg), model_config=model_cfg, params=nparam, device=str(device),
+                       world_size=dist_info.world, history=history, step_losses=step_losses,
+                       test_acc=history[-1]["test_acc"], test_loss=history[-1]["test_loss"],
+                       train_time_s=round(elapsed, 2), torch=torch.__version__)
+        if dist_info.main:
+            os.makedirs(cfg.out, exist_ok=True)
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, os.path.join(cfg.out, "model.safetensors"))
+            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+                json.dump({"model": cfg.model, "model_config": model_cfg, "image_shape": list(data.image_shape),
+                           "num_classes": data.num_classes, "attention": cfg.attention}, fh, indent=1)
+            with open(os.path.join(cfg.out, "metrics.json"), "w") as fh:
+                json.dump(metrics, fh, indent=1)
+            save_plot(history, os.path.join(cfg.out, "training.png"),
+                      f"{cfg.model} on {data.name}, attention={cfg.attention}: test acc {metrics['test_acc']:.4f}")
+            log(f"test accuracy {metrics['test_acc']:.4f} after {epoch} epochs, {elapsed:.1f} s; wrote "
+                f"{cfg.out}/model.safetensors, config.json, metrics.json, training.png")
+        return metrics
+    finally:
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--model", choices=MODELS, default=d.model, help="model family (default: perceiver)")
+    p.add_argument("--dataset", default=d.dataset, help="'digits' (sklearn, bundled) or a .npz with x (N,H,W,C "
+                                                        "uint8) and y (N int)")
+    p.add_argument("--attention", choices=["fused", "eager"], default=d.attention)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--shift", type=int, default=d.shift, help="random-translation augmentation in pixels (0: off)")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--size", choices=["default", "tiny"], default=d.size, help="model size preset")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=d.out, help="output folder (default: runs/train)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def train_from_args(args: argparse.Namespace) -> Dict:
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be >= 1")
+    if not 0 < args.test_fraction < 1:
+        raise UsageError("--test-fraction must be between 0 and 1")
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
+    return train(cfg)
