@@ -44,6 +44,8 @@ def cuda_available() -> bool:
 
 def check_device(op_name: str, device: torch.device) -> None:
     """Raises a clear error when ``device`` has no kernel of this op in the build."""
+    if torch.compiler.is_compiling():
+        return  # checked when the eager call is made; dynamo cannot trace the dispatcher query
     device = torch.device(device)
     if device.type == "meta" or has_kernel(op_name, device.type):
         return
