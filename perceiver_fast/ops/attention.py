@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["cross_attention", "self_attention"]
 
-MAX_HEAD_DIM_CROSS = 1024 * 4
+MAX_HEAD_DIM_CROSS = 4096
 MAX_HEAD_DIM_SELF = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
