@@ -256,6 +256,12 @@ def test_empty_sequences(backend):
     out.sum().backward()
     assert q.grad.shape == q.shape and (k.grad == 0).all() and (v.grad == 0).all()
 
+    q, k, v = _inputs(1, 0, 3, 4, 1, 4, 6)  # empty batch
+    out = A.cross_attention(q, k, v)
+    assert out.shape == (0, 3, 1, 6)
+    out.sum().backward()
+    assert (q.grad == 0).all()
+
     q, k, v = _inputs(1, 2, 3, 0, 1, 4, 6)
     out = A.cross_attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool, device=q.device))
     assert out.shape == (2, 3, 1, 6) and (out == 0).all()

@@ -511,7 +511,7 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
     B, M, _, Dv = v.shape
     out = _api._empty((B, N, H, Dv), device=q.device, dtype=q.dtype)
     lse = _api._empty((B, H, N), device=q.device, dtype=torch.float32)
-    if N == 0:
+    if N == 0 or B * H == 0:
         return out, lse
     if M == 0:
         out.zero_()
@@ -566,7 +566,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     dk = _api._empty(k.shape, device=k.device, dtype=k.dtype)
     dv = _api._empty(v.shape, device=v.device, dtype=v.dtype)
     shared = Bq == 1 and B > 1
-    if N == 0 or M == 0:
+    if N == 0 or M == 0 or B * H == 0:
         return torch.zeros(q.shape, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
