@@ -493,6 +493,11 @@ def choose_num_splits(B: int, H: int, N: int, M: int, Dv: int, device: torch.dev
     return max(1, min(triton.cdiv(target, programs), M // 512, 128))
 
 
+def _check_grid(B: int, H: int) -> None:
+    if B * H > 65535:  # B * H is grid axis 1, limited to 65535 on CUDA
+        raise ValueError(f"attention kernels support batch * heads <= 65535, got B={B}, H={H}")
+
+
 def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor):
     if mask is None:
         return q, 0, False  # dummy pointer, never read
@@ -517,6 +522,7 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
+    _check_grid(B, H)
     if num_splits <= 0:
         num_splits = choose_num_splits(B, H, N, M, Dv, q.device)
     num_splits = max(1, min(num_splits, M))
@@ -568,6 +574,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     shared = Bq == 1 and B > 1
     if N == 0 or M == 0 or B * H == 0:
         return torch.zeros(q.shape, device=q.device, dtype=q.dtype), dk.zero_(), dv.zero_()
+    _check_grid(B, H)
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = _api._empty((B, H, N), device=q.device, dtype=torch.float32)
