@@ -43,9 +43,10 @@ def test_from_hf_float64_eager_is_exact(kind):
     ours = PerceiverIO.from_hf(hf, attention="eager")
     assert next(ours.parameters()).dtype == torch.float64 and not ours.training
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    # Not bit-exact: attention_reference takes its softmax in float32, and HF builds the Fourier
-    # features in float32 even for a float64 model. Still ~100x tighter than a float32 comparison.
-    tol = dict(rtol=1e-6, atol=1e-7)
+    # Not bit-exact: attention_reference takes its softmax in float32; and HF builds the Fourier features
+    # in float32 even for a float64 model (sin(pi f x) with f up to 28 carries ~1e-5 absolute error
+    # there), while our encoder computes them in float64.
+    tol = dict(rtol=1e-6, atol=1e-7) if kind == "learned" else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours(x), hf(inputs=x).logits, **tol)
 
 
@@ -63,9 +64,8 @@ def test_from_hf_fused_logits_and_gradients(kind):
     torch.nn.functional.cross_entropy(logits, y).backward()
     want = _grads_as_ours(hf, kind)
     for name, p in ours.named_parameters():
-        if p.grad is None:
-            assert name.endswith("to_k.bias"), name  # unused by the folded path; its true gradient is 0
-            assert want[name].abs().max() < 1e-6
+        if name.endswith("to_k.bias"):  # cancels in the softmax: HF's gradient is ~0, the folded path's exactly 0
+            assert want[name].abs().max() < 1e-6 and p.grad.abs().max() < 1e-6
             continue
         torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=1e-5, msg=name)
 
@@ -98,8 +98,8 @@ def test_patch_hf_perceiver_training_gradients_and_mask():
     out_hf.loss.backward()
     out_p.loss.backward()
     for (name, p), q in zip(patched.named_parameters(), hf.parameters()):
-        if p.grad is None:
-            assert "key.bias" in name and q.grad.abs().max() < 1e-6
+        if "cross_attention.attention.self.key.bias" in name:  # true gradient 0 (cancels in the softmax)
+            assert p.grad.abs().max() < 1e-6 and q.grad.abs().max() < 1e-6
             continue
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 

@@ -11,7 +11,6 @@ All tensors use the (batch, seq, heads, head_dim) layout of the ops.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
@@ -95,27 +94,27 @@ def self_attention(
     return attention_reference(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True)
 
 
-def _fourier_ops():
-    try:
-        return importlib.import_module("perceiver_fast.ops.fourier")
-    except ImportError:
-        return None
+try:  # the fused Fourier encoder (C++/CUDA extension); the eager formula when it is not built
+    from perceiver_fast.ops import fourier as _fourier_module
+except ImportError:  # pragma: no cover - depends on the tree's state
+    _fourier_module = None
+
+
+def fused_fourier_available() -> bool:
+    return _fourier_module is not None and getattr(_fourier_module, "_LOAD_ERROR", None) is None
 
 
 def fourier_features(index_dims, num_bands, *, max_resolution=None, concat_pos=True, sine_only=False,
                      dtype=torch.float32, device=None) -> torch.Tensor:
     """(prod(index_dims), C) Fourier features built directly on ``device``.
 
-    Uses the fused encoder when it is importable and usable, else the eager
-    formula (still on ``device``, never via the CPU).
+    Uses the fused encoder when its extension is built, else the eager formula
+    (still on ``device``, never via the CPU).
     """
-    ops = _fourier_ops()
-    if ops is not None:
-        try:
-            return ops.fourier_features(index_dims, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
-                                        sine_only=sine_only, dtype=dtype, device=device)
-        except (RuntimeError, ImportError, NotImplementedError, AttributeError):
-            pass  # e.g. the C++ extension is not built
+    if fused_fourier_available():
+        return _fourier_module.fourier_features(index_dims, num_bands, max_resolution=max_resolution,
+                                                concat_pos=concat_pos, sine_only=sine_only, dtype=dtype,
+                                                device=device)
     return fourier_features_reference(index_dims, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
                                       sine_only=sine_only, dtype=torch.float32, device=device).to(dtype)
 
@@ -123,13 +122,9 @@ def fourier_features(index_dims, num_bands, *, max_resolution=None, concat_pos=T
 def fourier_encode(inputs: torch.Tensor, num_bands: int, *, max_resolution=None, concat_pos=True,
                    sine_only=False) -> torch.Tensor:
     """[flattened channels-last inputs | Fourier features] -> (B, P, Cin + C), one fused write when available."""
-    ops = _fourier_ops()
-    if ops is not None:
-        try:
-            return ops.fourier_encode(inputs, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
-                                      sine_only=sine_only)
-        except (RuntimeError, ImportError, NotImplementedError, AttributeError):
-            pass
+    if fused_fourier_available():
+        return _fourier_module.fourier_encode(inputs, num_bands, max_resolution=max_resolution,
+                                              concat_pos=concat_pos, sine_only=sine_only)
     return fourier_encode_reference(inputs, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
                                     sine_only=sine_only)
 

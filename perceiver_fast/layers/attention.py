@@ -100,6 +100,10 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
                                       dropout_p=dropout_p, softmax_scale=scale)
         o = torch.einsum("bhne,hve->bnhv", o.view(b, h, n, din), to_v.weight.view(h, dv, din))
         o = o.reshape(b, n, h * dv)
+        if to_k.bias is not None:
+            # b_k cancels in the softmax, so its gradient is exactly 0. Keep it in the graph anyway, so it
+            # gets a (zero) gradient: DDP without find_unused_parameters needs every parameter used.
+            o = o + to_k.bias.sum() * 0.0
         return o + to_v.bias if to_v.bias is not None else o
     k = to_k(x).view(b, m, h, dh)
     v = to_v(x).view(b, m, h, dv)

@@ -1,0 +1,115 @@
+"""patch_timm_vit: against a hand-built module with timm's Attention structure (always), and real timm (if importable)."""
+import pytest
+import torch
+from torch import nn
+
+from perceiver_fast.integrations import patch_timm_vit, unpatch_timm_vit
+
+
+class TimmLikeAttention(nn.Module):
+    """timm.models.vision_transformer.Attention's attributes and its non-fused forward."""
+
+    def __init__(self, dim, num_heads=2, qkv_bias=True, qk_norm=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = False
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            attn = attn + attn_mask
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TinyViTLike(nn.Module):
+    def __init__(self, dim=16, depth=2, qk_norm=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(TimmLikeAttention(dim, qk_norm=qk_norm) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+
+    def forward(self, x, attn_mask=None):
+        for norm, attn in zip(self.norms, self.blocks):
+            x = x + attn(norm(x), attn_mask=attn_mask)
+        return x
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_patch_matches_unpatched_logits_and_grads(qk_norm):
+    model = TinyViTLike(qk_norm=qk_norm)
+    x = torch.randn(2, 5, 16)
+    want = model(x)
+    g_want = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+    keys = list(model.state_dict())
+    patch_timm_vit(model)
+    assert list(model.state_dict()) == keys
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    g_got = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_passes_strided_views_and_falls_back_on_masks(monkeypatch):
+    from perceiver_fast.layers import _dispatch
+
+    seen = []
+    real = _dispatch.self_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.is_contiguous())
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(_dispatch, "self_attention", spy)
+    model = patch_timm_vit(TinyViTLike(depth=1), attention="eager")
+    x = torch.randn(1, 4, 16)
+    model(x)
+    assert seen == [False]  # a strided view of the packed qkv projection
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 3] = float("-inf")
+    out = model(x, attn_mask=mask)  # timm's own forward
+    assert len(seen) == 1
+    unpatch_timm_vit(model)
+    torch.testing.assert_close(out, model(x, attn_mask=mask))
+    assert "forward" not in model.blocks[0].__dict__
+
+
+def test_patch_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = patch_timm_vit(TinyViTLike(depth=1))
+    x = torch.randn(1, 4, 16)
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_patch_rejects_models_without_attention():
+    with pytest.raises(ValueError, match="no timm Attention"):
+        patch_timm_vit(nn.Linear(2, 2))
+
+
+def test_real_timm_vision_transformer():
+    timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed here")
+    model = timm_vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                       num_classes=5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        patch_timm_vit(model)
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    model.train()
+    model(x).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
