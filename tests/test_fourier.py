@@ -186,18 +186,23 @@ def test_opcheck(requires_grad):
     torch.library.opcheck(OP.default, (x, [20], [], 1, False, True))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
-    x = torch.randn(2, 6, 5, 3, requires_grad=True)
 
     def f(t):
         return fourier_encode(t * 2.0, 4, concat_pos=True).sum(-1)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    y = compiled(x)
-    torch.testing.assert_close(y, f(x))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    compiled = torch.compile(f, fullgraph=True, backend=backend, dynamic=True)
+    for batch in (2, 3):  # dynamic batch size
+        x = torch.randn(batch, 6, 5, 3, requires_grad=True)
+        y = compiled(x)
+        torch.testing.assert_close(y, f(x))
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    pe = FourierPositionEncoding((6, 5), 4)
+    x = torch.randn(2, 6, 5, 3)
+    torch.testing.assert_close(torch.compile(pe, fullgraph=True, backend=backend)(x), pe(x))
 
 
 # ---------------------------------------------------------------- bad input
@@ -213,6 +218,7 @@ BAD_FEATURES = [
     (dict(index_dims=(2,) * 9, num_bands=4), ValueError, "at most 8"),
     (dict(index_dims=(8, 8), num_bands=4, max_resolution=(8,)), ValueError, "max_resolution has 1 entries"),
     (dict(index_dims=(8,), num_bands=4, max_resolution=(float("nan"),)), ValueError, "finite"),
+    (dict(index_dims=(8,), num_bands=4, max_resolution="8"), TypeError, "max_resolution must be a sequence"),
     (dict(index_dims=(8,), num_bands=4, dtype=torch.int32), TypeError, "dtype torch.int32"),
 ]
 

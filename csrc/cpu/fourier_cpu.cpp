@@ -83,7 +83,7 @@ at::Tensor empty_output(c10::IntArrayRef sizes, at::ScalarType dtype) {
   }
   static HugePageAllocator allocator;
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   dtype, c10::nullopt);
+                                   dtype, std::nullopt);
 }
 
 template <typename scalar_t>

@@ -61,13 +61,14 @@ def check_fourier_args(
         raise TypeError(f"index_dims must be a sequence of ints, got {index_dims}")
     if isinstance(num_bands, bool) or not isinstance(num_bands, numbers.Integral):
         raise TypeError(f"num_bands must be an int, got {num_bands!r}")
-    if max_resolution is not None and not isinstance(max_resolution, (torch.Size, tuple, list)):
-        raise TypeError(f"max_resolution must be a sequence of numbers or None, got {max_resolution!r}")
+    if max_resolution is not None:
+        if not isinstance(max_resolution, (torch.Size, tuple, list)):
+            raise TypeError(f"max_resolution must be a sequence of numbers or None, got {max_resolution!r}")
+        if not all(isinstance(r, numbers.Real) and math.isfinite(r) for r in max_resolution):
+            raise ValueError(f"max_resolution must be finite numbers, got {tuple(max_resolution)}")
     index_dims, max_resolution = _check_fourier_args(index_dims, num_bands, max_resolution)
     if len(index_dims) > MAX_INDEX_DIMS:
         raise ValueError(f"index_dims has {len(index_dims)} dimensions; at most {MAX_INDEX_DIMS} are supported")
-    if not all(math.isfinite(r) for r in max_resolution):
-        raise ValueError(f"max_resolution must be finite, got {max_resolution}")
     return index_dims, max_resolution
 
 
