@@ -52,15 +52,24 @@ def _extensions():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # No -std flag: BuildExtension adds the one this torch needs (C++20 from torch 2.10 on).
     cxx = ["-O3", "-fno-math-errno", "-DPERCEIVER_FAST_PYTHON_MODULE"]
+    # `import perceiver_fast._C` before `import torch` must find libc10.so etc.:
+    # rpath to torch/lib, both next to an installed package and absolute (editable).
+    torch_lib = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "lib")
+    link = [f"-Wl,-rpath,$ORIGIN/../torch/lib:{torch_lib}"]
     if _want_cuda(torch, cpp_extension):
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + _cuda_archs()
         return [
             cpp_extension.CUDAExtension(
-                "perceiver_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}
+                "perceiver_fast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_link_args=link,
             )
         ]
-    return [cpp_extension.CppExtension("perceiver_fast._C", sources, extra_compile_args={"cxx": cxx})]
+    return [
+        cpp_extension.CppExtension(
+            "perceiver_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
+    ]
 
 
 def _cmdclass():
