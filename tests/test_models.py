@@ -101,6 +101,10 @@ def test_parameter_count_matches_hf_learned():
     ours = PerceiverIO(image_size=8, num_classes=7, num_latents=8, latent_dim=32, num_blocks=2,
                        num_self_attends_per_block=2, self_heads=4)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+    from_cfg = PerceiverIO.from_hf_config(cfg, "learned")
+    assert {k: v.shape for k, v in from_cfg.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    conv = PerceiverIO.from_hf_config(cfg, "conv", image_size=16)
+    assert conv.preprocessor.max_resolution == (56, 56)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,9 @@ fold                           "auto"      projection folding of the cross-atten
 Presets: ``PerceiverIO.from_config("learned" | "fourier" | "conv", **overrides)``
 match deepmind/vision-perceiver-{learned,fourier,conv} (the fourier preset uses
 max_resolution (224, 224), the conv preset (56, 56)). ``PerceiverIO.from_hf(hf_model)``
-converts a transformers PerceiverForImageClassification{Learned,Fourier,ConvProcessing}.
+converts a transformers PerceiverForImageClassification{Learned,Fourier,ConvProcessing};
+``PerceiverIO.from_hf_config(perceiver_config, preprocessing, **overrides)`` builds the
+same architecture as a transformers ``PerceiverConfig`` (random init).
 
 A small digits-sized model: ``PerceiverIO(image_size=8, in_channels=1, num_classes=10,
 preprocessing="fourier", num_latents=16, latent_dim=64, num_blocks=2,
@@ -103,6 +105,27 @@ class PerceiverIO(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf_config(cls, config, preprocessing: str = "learned", **overrides) -> "PerceiverIO":
+        """Random-init model with the architecture of a transformers ``PerceiverConfig`` (no weights copied).
+
+        Maps num_latents, d_latents, num_blocks, num_self_attends_per_block, num_self_attention_heads,
+        num_cross_attention_heads, *_widening_factor, qk/v_channels, image_size, num_labels; the
+        preprocessing's HF defaults (Fourier max_resolution 224 or 56) apply unless overridden.
+        """
+        kwargs = dict(
+            PRESETS[preprocessing] if preprocessing in PRESETS else dict(preprocessing=preprocessing),
+            image_size=config.image_size, num_classes=config.num_labels, num_latents=config.num_latents,
+            latent_dim=config.d_latents, num_blocks=config.num_blocks,
+            num_self_attends_per_block=config.num_self_attends_per_block,
+            self_heads=config.num_self_attention_heads, cross_heads=config.num_cross_attention_heads,
+            cross_widening_factor=config.cross_attention_widening_factor,
+            self_widening_factor=config.self_attention_widening_factor,
+            qk_channels=config.qk_channels, v_channels=config.v_channels,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     @classmethod
     def from_hf(cls, hf_model, *, attention: str = "fused", fold: FoldMode = "auto") -> "PerceiverIO":
