@@ -152,3 +152,20 @@ def test_bad_uses():
                                                                     num_cross_attention_heads=1))
     with pytest.raises(ValueError, match="from_hf converts"):
         PerceiverIO.from_hf(bare)
+
+
+def test_patch_text_models_multihead_and_padding():
+    """PerceiverForMaskedLM: text preprocessor, padded inputs, 2 cross heads, a decoder with 8 heads and
+    qk/v head widths that differ; PerceiverForSequenceClassification too."""
+    cfg = dict(d_model=16, d_latents=16, num_latents=4, max_position_embeddings=8, num_blocks=1,
+               num_self_attends_per_block=1, num_cross_attention_heads=2, num_self_attention_heads=2,
+               vocab_size=20, num_labels=3, attention_probs_dropout_prob=0.0, initializer_range=0.2)
+    ids = torch.randint(0, 20, (2, 8))
+    mask = torch.ones(2, 8)
+    mask[1, 5:] = 0
+    for cls in (transformers.PerceiverForMaskedLM, transformers.PerceiverForSequenceClassification):
+        hf = cls(transformers.PerceiverConfig(**cfg)).eval()
+        patched = patch_hf_perceiver(copy.deepcopy(hf))
+        with torch.no_grad():
+            want = hf(inputs=ids, attention_mask=mask).logits
+            torch.testing.assert_close(patched(inputs=ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-5)
