@@ -233,3 +233,9 @@ def test_folded_path_with_aligned_rows_matches(monkeypatch):
     a, b = _pair(CrossAttention, 16, 13, heads=1, fold=True)
     q, kv = torch.randn(1, 3, 16), torch.randn(2, 7, 13)
     torch.testing.assert_close(a(q, kv), b(q, kv), rtol=1e-4, atol=1e-5)
+
+
+def test_self_attention_block_wide_heads_use_the_cross_attention_kernel():
+    blk, ref = _pair(SelfAttentionBlock, 8, heads=1, dim_head=264, mlp_ratio=1)  # > the self kernel's 256
+    x = torch.randn(1, 3, 8)
+    torch.testing.assert_close(blk(x), ref(x), rtol=1e-4, atol=1e-5)

@@ -95,12 +95,8 @@ def _make_attention_class(base):
             q = self.query(x).view(b, n, h, dh)
             k = self.key(x).view(b, n, h, dh)
             v = self.value(x).view(b, n, h, self.v_channels_per_head)
-            if self.v_channels_per_head == dh and dh <= 256:
-                out = _dispatch.self_attention(q, k, v, attention=self._pf_attention, dropout_p=p,
-                                               softmax_scale=dh ** -0.5)
-            else:
-                out = _dispatch.cross_attention(q, k, v, attention=self._pf_attention, dropout_p=p,
-                                                softmax_scale=dh ** -0.5)
+            out = _dispatch.self_attention(q, k, v, attention=self._pf_attention, dropout_p=p,
+                                           softmax_scale=dh ** -0.5)
             return (out.reshape(b, n, self.v_channels),)
 
     FastPerceiverSelfAttention.__name__ = "Fast" + base.__name__
