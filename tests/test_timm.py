@@ -113,3 +113,64 @@ def test_real_timm_vision_transformer():
     model.train()
     model(x).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+class TimmLikeBlock(nn.Module):
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TimmLikeAttention(dim, heads)
+        self.ls1 = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.ls2 = nn.Identity()
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp.fc2(self.mlp.act(self.mlp.fc1(self.norm2(x))))
+
+
+class TimmLikeViT(nn.Module):
+    """timm VisionTransformer's parameter names and forward (class token, token pooling)."""
+
+    def __init__(self, img=8, patch=4, chans=1, dim=16, depth=2, heads=2, classes=5):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.img_size, self.patch_embed.patch_size = (img, img), (patch, patch)
+        self.patch_embed.proj = nn.Conv2d(chans, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (img // patch) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*[TimmLikeBlock(dim, heads, 2 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm = nn.Identity()
+        self.head = nn.Linear(dim, classes)
+        self.global_pool = "token"
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def test_vit_from_timm_structure():
+    from perceiver_fast.models import ViT
+
+    timm_like = TimmLikeViT().eval()
+    x = torch.randn(2, 1, 8, 8)
+    ours = ViT.from_timm(timm_like)
+    torch.testing.assert_close(ours(x), timm_like(x), rtol=1e-4, atol=1e-5)
+    timm_like.global_pool = "avg"
+    with pytest.raises(ValueError, match="global_pool"):
+        ViT.from_timm(timm_like)
+
+
+def test_vit_from_real_timm():
+    timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed here")
+    from perceiver_fast.models import ViT
+
+    model = timm_vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                       num_classes=5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ViT.from_timm(model)(x), model(x), rtol=1e-4, atol=1e-5)
