@@ -100,11 +100,15 @@ def test_patch_rejects_models_without_attention():
         patch_timm_vit(nn.Linear(2, 2))
 
 
-def test_real_timm_vision_transformer():
+def _real_timm_vit():
     timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed here")
     model = timm_vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                        num_classes=5).eval()
-    x = torch.randn(2, 3, 16, 16)
+    return model, torch.randn(2, 3, 16, 16)
+
+
+def test_real_timm_vision_transformer():
+    model, x = _real_timm_vit()
     with torch.no_grad():
         want = model(x)
         patch_timm_vit(model)
@@ -166,11 +170,8 @@ def test_vit_from_timm_structure():
 
 
 def test_vit_from_real_timm():
-    timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="timm is not installed here")
     from perceiver_fast.models import ViT
 
-    model = timm_vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                                       num_classes=5).eval()
-    x = torch.randn(2, 3, 16, 16)
+    model, x = _real_timm_vit()
     with torch.no_grad():
         torch.testing.assert_close(ViT.from_timm(model)(x), model(x), rtol=1e-4, atol=1e-5)
