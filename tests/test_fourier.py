@@ -92,6 +92,14 @@ def test_features_match_transformers(index_dims, num_bands, max_resolution, conc
         assert torch.equal(out[:, :D], hf[:, :D])
 
 
+def test_sin_cos_correctly_rounded_at_224_px():
+    # Arguments reach pi * 112: float64 sin/cos rounded once are within half an
+    # ulp (2^-25 for |v| < 1); HF's float32 arguments are off by up to ~3e-5.
+    out = fourier_features((224, 224), 64)
+    err = (out[:, 2:].double() - _ref64((224, 224), 64)[:, 2:]).abs().max().item()
+    assert err <= 2.0**-24, err
+
+
 def test_channel_order_by_hand():
     # 2-D, K=2, max_resolution (4, 6): f_0 = (1, 1), f_1 = (2, 3).
     out = fourier_features((3, 2), 2, max_resolution=(4, 6)).double()
@@ -346,7 +354,7 @@ def test_cuda_matches_cpu(shape, num_bands, max_resolution, dtype, concat_pos, s
     assert gpu.shape == cpu.shape and gpu.dtype == dtype and gpu.is_cuda
     # Both round float64 sin/cos once; positions may differ by torch.linspace's
     # CPU-vs-CUDA float32 rounding (an ulp or two).
-    atol = {torch.float32: 2.5e-7, torch.float64: 1e-13}.get(dtype, EPS.get(dtype))
+    atol = {torch.float32: 2.5e-7, torch.float64: 1e-12}.get(dtype, EPS.get(dtype))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=atol, rtol=0)
     Cin = shape[-1]
     if dtype in (torch.float32, torch.float64):
@@ -356,10 +364,16 @@ def test_cuda_matches_cpu(shape, num_bands, max_resolution, dtype, concat_pos, s
 
 @requires_cuda
 def test_cuda_sin_error_at_224_px():
-    out = fourier_features((224, 224), 64, device="cuda")
-    err = (out.double().cpu() - _ref64((224, 224), 64)).abs().max().item()
-    print(f"CUDA fp32 max |error| vs float64 at 224x224, 64 bands: {err:.3g}")
-    assert err <= F32_ATOL
+    out = fourier_features((224, 224), 64, device="cuda").cpu()
+    ref = _ref64((224, 224), 64)
+    err = (out[:, 2:].double() - ref[:, 2:]).abs().max().item()
+    print(f"CUDA fp32 sin/cos max |error| vs float64 at 224x224, 64 bands: {err:.3g}")
+    assert err <= 2.0**-24  # correctly rounded float64 sin/cos: <= half an ulp of 1
+    # positions: torch.linspace on the GPU, as HF builds them there
+    lin = torch.linspace(-1, 1, 224, device="cuda").cpu()
+    grid = torch.stack(torch.meshgrid(lin, lin, indexing="ij"), -1).reshape(-1, 2)
+    torch.testing.assert_close(out[:, :2], grid, atol=2.5e-7, rtol=0)
+    print("positions bitwise equal to CUDA torch.linspace:", torch.equal(out[:, :2], grid))
 
 
 @requires_cuda
