@@ -75,7 +75,9 @@ class HugePageAllocator final : public at::Allocator {
 };
 
 at::Tensor empty_output(c10::IntArrayRef sizes, at::ScalarType dtype) {
-  constexpr int64_t kHugeThresholdBytes = int64_t{8} << 20;
+  // Below glibc's largest mmap threshold (32 MiB), freed blocks are reused
+  // from the heap without new page faults: keep torch's allocator there.
+  constexpr int64_t kHugeThresholdBytes = int64_t{32} << 20;
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   if (numel * static_cast<int64_t>(c10::elementSize(dtype)) < kHugeThresholdBytes) {
