@@ -85,17 +85,56 @@ def test_folding_is_chosen_by_flops():
     # HF learned: N=512 latents, M=50176 inputs, Din=Dqk=Dv=512, 1 head -> fold.
     unfolded, folded = folding_flops(512, 50176, 512, 512, 512, 1)
     assert folded < unfolded
-    assert choose_folding("auto", False, 512, 50176, 512, 512, 512, 1)
+    assert choose_folding("auto", 512, 50176, 512, 512, 512, 1)
     # 8 heads over a wide input: folding multiplies the attention by H*Din/Dqk -> don't.
-    assert not choose_folding("auto", False, 512, 50176, 512, 512, 512, 8)
-    assert not choose_folding(False, False, 512, 50176, 512, 512, 512, 1)
-    assert choose_folding(True, False, 512, 50176, 512, 512, 512, 8)
-    # Dropout breaks the row-sum argument: auto falls back, forcing it is an error.
-    assert not choose_folding("auto", True, 512, 50176, 512, 512, 512, 1)
-    with pytest.raises(ValueError, match="dropout"):
-        choose_folding(True, True, 512, 50176, 512, 512, 512, 1)
+    assert not choose_folding("auto", 512, 50176, 512, 512, 512, 8)
+    assert not choose_folding(False, 512, 50176, 512, 512, 512, 1)
+    assert choose_folding(True, 512, 50176, 512, 512, 512, 8)
+    # Beyond the cross-attention kernel's head-dim limit: never folded automatically.
+    assert not choose_folding("auto", 512, 50176, 5000, 5000, 5000, 1)
     mod = CrossAttention(1024, 512, heads=1)
     assert mod.use_folding(512, 50176)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_folding_with_dropout_is_exact(monkeypatch, heads):
+    """Same dropout mask in both paths (a deterministic stand-in for the op's RNG): folded == unfolded."""
+    from perceiver_fast.layers import _dispatch
+
+    b, n, m, p = 2, 3, 6, 0.4
+    keep = torch.rand(b, heads, n, m, generator=torch.Generator().manual_seed(1)) >= p
+
+    def attention_with_fixed_dropout(q, k, v, *, attention, key_padding_mask=None, dropout_p=0.0,
+                                     softmax_scale=None):
+        assert dropout_p == p
+        if k.shape[2] == 1 and heads > 1:  # folded: heads stacked along the queries
+            q = q.reshape(q.shape[0], heads, n, q.shape[-1]).transpose(1, 2)
+            k, v = k.expand(-1, -1, heads, -1), v.expand(-1, -1, heads, -1)
+            folded_heads = True
+        else:
+            folded_heads = False
+        s = torch.einsum("bnhd,bmhd->bhnm", q, k) * softmax_scale
+        probs = s.softmax(-1) * keep / (1 - p)
+        o = torch.einsum("bhnm,bmhd->bnhd", probs, v)
+        return o.transpose(1, 2).reshape(b, heads * n, 1, -1) if folded_heads else o
+
+    monkeypatch.setattr(_dispatch, "cross_attention", attention_with_fixed_dropout)
+    outs = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        mod = CrossAttention(8, 6, heads=heads, qk_channels=4, dropout=p, attention="eager", fold=fold).train()
+        with torch.no_grad():
+            mod.to_v.bias.normal_()
+        q, kv = torch.randn(1, n, 8), torch.randn(b, m, 6)
+        outs.append(mod(q, kv))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_folding_with_dropout_runs_the_fused_op():
+    mod = CrossAttention(8, 6, heads=1, dropout=0.5, fold=True).train()
+    out = mod(torch.randn(1, 3, 8), torch.randn(2, 5, 6))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and mod.to_v.bias.grad is not None
 
 
 def test_folded_path_calls_attention_once_with_stacked_heads(monkeypatch):

@@ -83,7 +83,7 @@ def _make_attention_class(base):
                 qh = self.query(self.layernorm1(q_in))
                 qh = qh.view(q_in.shape[0], q_in.shape[1], h, dh)
                 x = self.layernorm2(inputs)
-                fold = choose_folding(self._pf_fold, p > 0, q_in.shape[1], kv_len, x.shape[-1], self.qk_channels,
+                fold = choose_folding(self._pf_fold, q_in.shape[1], kv_len, x.shape[-1], self.qk_channels,
                                       self.v_channels, h)
                 out = cross_attend(qh, x, self.key, self.value, attention=self._pf_attention, key_padding_mask=kpm,
                                    dropout_p=p, fold=fold)

@@ -27,9 +27,11 @@ It never projects the M inputs to K and V, which for HF's learned Perceiver IO
 costs as much as the attention itself.
 
 ``fold="auto"`` (default) picks the path with fewer FLOPs
-(:func:`folding_flops`); ``fold=True``/``False`` forces it. Folding is not
-exact with attention dropout (dropped rows no longer sum to 1), so ``"auto"``
-uses the unfolded path while dropout is active and ``fold=True`` raises.
+(:func:`folding_flops`, and Din within the kernel's head-dim limit);
+``fold=True``/``False`` forces it. With attention dropout the dropped rows of
+P no longer sum to 1, so the folded path then appends an all-ones channel to
+the keys/values (a zero one to the queries): the attention returns each row's
+sum alongside, and b_v is scaled by it - still exact.
 """
 from __future__ import annotations
 
@@ -86,18 +88,29 @@ def aligned_rows(x: torch.Tensor, force: bool = False) -> torch.Tensor:
     return F.pad(x, (0, padded - d))[..., :d]
 
 
-def choose_folding(fold: FoldMode, dropout_active: bool, n: int, m: int, din: int, qk_channels: int,
-                   v_channels: int, heads: int) -> bool:
+# The fused cross-attention takes head dims up to 4096; the folded path attends over Din (+1 with dropout).
+MAX_FOLDED_DIN = 4095
+
+
+def choose_folding(fold: FoldMode, n: int, m: int, din: int, qk_channels: int, v_channels: int,
+                   heads: int) -> bool:
     """Resolve ``fold`` ("auto" | True | False) to the path taken: folded when it needs fewer FLOPs."""
-    if fold is True:
-        if dropout_active:
-            raise ValueError("fold=True is not exact with attention dropout during training; "
-                             "use fold='auto' or dropout=0")
-        return True
-    if fold is False or dropout_active:
+    if fold is True or fold is False:
+        return fold
+    if din > MAX_FOLDED_DIN:
         return False
     unfolded, folded = folding_flops(n, m, din, qk_channels, v_channels, heads)
     return folded < unfolded
+
+
+def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
+    """[x | 1] (..., D+1), as a view with 16-byte aligned rows on CUDA (the padding is ones too)."""
+    d = x.shape[-1]
+    width = d + 1
+    if ALIGN_KV_ROWS and x.is_cuda and 16 % x.element_size() == 0:
+        per = 16 // x.element_size()
+        width = -(-width // per) * per
+    return F.pad(x, (0, width - d), value=1.0)[..., :d + 1]
 
 
 def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, *, attention: str,
@@ -114,24 +127,38 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     b, m, din = x.shape
     dv = to_v.out_features // h
     scale = 1.0 / math.sqrt(dh)
-    if fold:
-        # q' = Q_h W_k,h : (Bq, H, N, Din); heads stacked along the query axis, one shared kv "head".
-        qf = torch.einsum("bnhd,hde->bhne", qh, to_k.weight.view(h, dh, din)).reshape(bq, h * n, 1, din)
-        xk = aligned_rows(x.to(qf.dtype)).unsqueeze(2)  # (B, M, 1, Din): keys = values = LN(x)
-        o = _dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
+    if not fold:
+        k = to_k(x).view(b, m, h, dh)
+        v = to_v(x).view(b, m, h, dv)
+        o = _dispatch.cross_attention(qh, k, v, attention=attention, key_padding_mask=key_padding_mask,
                                       dropout_p=dropout_p, softmax_scale=scale)
-        o = torch.einsum("bhne,hve->bnhv", o.view(b, h, n, din), to_v.weight.view(h, dv, din))
-        o = o.reshape(b, n, h * dv)
-        if to_k.bias is not None:
-            # b_k cancels in the softmax, so its gradient is exactly 0. Keep it in the graph anyway, so it
-            # gets a (zero) gradient: DDP without find_unused_parameters needs every parameter used.
-            o = o + to_k.bias.sum() * 0.0
-        return o + to_v.bias if to_v.bias is not None else o
-    k = to_k(x).view(b, m, h, dh)
-    v = to_v(x).view(b, m, h, dv)
-    o = _dispatch.cross_attention(qh, k, v, attention=attention, key_padding_mask=key_padding_mask,
+        return o.reshape(b, n, h * dv)
+    # q' = Q_h W_k,h : (Bq, H, N, Din); heads stacked along the query axis, one shared kv "head".
+    qf = torch.einsum("bnhd,hde->bhne", qh, to_k.weight.view(h, dh, din)).reshape(bq, h * n, 1, din)
+    x = x.to(qf.dtype)  # LN runs in fp32 under autocast
+    row_sums = dropout_p > 0 and to_v.bias is not None
+    if row_sums:
+        # Dropped rows of P no longer sum to 1, so b_v must be scaled by each row's sum: carry it in an
+        # extra all-ones key/value channel (zero in the queries, so the scores are unchanged).
+        qf = F.pad(qf, (0, 1))
+        xk = _with_ones_column(x)
+    else:
+        xk = aligned_rows(x)
+    xk = xk.unsqueeze(2)  # (B, M, 1, Din[+1]): keys = values = LN(x)
+    o = _dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
                                   dropout_p=dropout_p, softmax_scale=scale)
-    return o.reshape(b, n, h * dv)
+    o = o.view(b, h, n, xk.shape[-1])
+    out = torch.einsum("bhne,hve->bnhv", o[..., :din], to_v.weight.view(h, dv, din))  # (B, N, H, dv)
+    if row_sums:
+        out = out + o[..., din].transpose(1, 2).unsqueeze(-1) * to_v.bias.view(h, dv)
+    elif to_v.bias is not None:
+        out = out + to_v.bias.view(h, dv)
+    out = out.reshape(b, n, h * dv)
+    if to_k.bias is not None:
+        # b_k cancels in the softmax, so its gradient is exactly 0. Keep it in the graph anyway, so it
+        # gets a (zero) gradient: DDP without find_unused_parameters needs every parameter used.
+        out = out + to_k.bias.sum() * 0.0
+    return out
 
 
 class MLP(nn.Module):
@@ -206,8 +233,7 @@ class CrossAttention(nn.Module):
 
     def use_folding(self, n: int, m: int) -> bool:
         """Whether forward takes the folded path for N queries over M inputs."""
-        return choose_folding(self.fold, self.training and self.dropout > 0, n, m, self.kv_dim, self.qk_channels,
-                              self.v_channels, self.heads)
+        return choose_folding(self.fold, n, m, self.kv_dim, self.qk_channels, self.v_channels, self.heads)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
         if q.dim() != 3 or kv.dim() != 3:
