@@ -60,13 +60,15 @@ def _hf_patched(case: S.ModelCase):
 def _ours_pio(case: S.ModelCase):
     from perceiver_fast.models import PerceiverIO
 
-    cfg = _pio_config(case)
-    model = PerceiverIO(
-        image_size=cfg["image_size"], in_channels=case.channels, num_classes=cfg["num_labels"],
-        preprocessor=case.kwargs["preprocessor"], num_latents=cfg["num_latents"], d_latents=cfg["d_latents"],
-        num_blocks=cfg["num_blocks"], num_self_attends_per_block=cfg["num_self_attends_per_block"],
-        num_self_attention_heads=cfg["num_self_attention_heads"],
-        num_cross_attention_heads=cfg["num_cross_attention_heads"], attention="fused")
+    overrides = dict(image_size=case.image_size, in_channels=case.channels, num_classes=case.num_classes,
+                     attention="fused")
+    if case.kwargs.get("tiny"):
+        cfg = _pio_config(case)
+        overrides.update(num_latents=cfg["num_latents"], latent_dim=cfg["d_latents"], num_blocks=cfg["num_blocks"],
+                         num_self_attends_per_block=cfg["num_self_attends_per_block"],
+                         self_heads=cfg["num_self_attention_heads"])
+    # from_config: the deepmind vision-perceiver-{learned,fourier,conv} preset, the same as HF's config
+    model = PerceiverIO.from_config(case.kwargs["preprocessor"], **overrides)
     return model, (lambda m, x: m(x))
 
 

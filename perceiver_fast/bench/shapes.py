@@ -85,8 +85,9 @@ class AttnShape:
     def eager_extra_bytes(self, dtype: str = "bfloat16", backward: bool = False) -> int:
         """Rough peak extra memory of the eager recipe (attention_reference).
 
-        Scores in ``dtype``, the float32 softmax, probabilities cast back; the
-        backward keeps about twice that alive. Used to skip shapes that would
+        Per score element: the scores in ``dtype``, their float32 copy, the
+        float32 softmax and (below float32) the probabilities cast back, i.e.
+        12 bytes in bf16; the backward keeps about twice that alive. Used to skip shapes that would
         not fit, before trying them.
         """
         e = DTYPE_BYTES[dtype]

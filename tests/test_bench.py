@@ -1,0 +1,124 @@
+"""The bench harness: FLOP/byte counts against hand computations, inputs and
+backends on CPU, the runner's row schema, speedups, targets, and the writers."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from perceiver_fast.bench import shapes as S
+from perceiver_fast.bench.backends import attn_backend, attn_inputs, attn_reference64
+from perceiver_fast.bench.report import write_all
+from perceiver_fast.bench.runner import ROW_FIELDS, BenchOptions, add_speedups, make_row, run
+from perceiver_fast.bench.targets import evaluate
+
+
+def test_flops_and_bytes_of_pio_learned_by_hand():
+    s = S.attn_shape("pio-learned")
+    # QK^T: 2*N*M*D per batch, PV: 2*N*M*Dv -> 2 * 8 * 512 * 50176 * (512 + 512)
+    assert s.flops() == 2 * 8 * 512 * 50176 * 1024 == 420_906_795_008
+    assert s.flops(backward=True) == int(420_906_795_008 * 3.5)
+    q = o = 8 * 512 * 512
+    k = v = 8 * 50176 * 512
+    assert s.bytes("bfloat16") == (q + k + v + o) * 2 == 830_472_192
+    assert s.bytes("float32") == 2 * s.bytes("bfloat16")
+    assert s.bytes("bfloat16", backward=True) == 2 * s.bytes("bfloat16")
+    # floor: compute-bound at 700 TFLOP/s: 420.9e9 / 700e12 s = 0.6013 ms (memory: 0.194 ms)
+    assert s.floor_ms("bfloat16") == pytest.approx(420_906_795_008 / 700e12 * 1e3)
+    assert 830_472_192 / 4250e9 * 1e3 < s.floor_ms("bfloat16")
+
+
+def test_flops_of_self_attention_and_fourier_by_hand():
+    vit = S.attn_shape("vit-b16")
+    assert vit.flops() == 2 * 64 * 12 * 197 * 197 * (64 + 64)
+    assert vit.bytes("bfloat16") == 4 * 64 * 197 * 12 * 64 * 2
+    f = S.FOURIER_SHAPES[0]
+    assert f.out_channels == 3 + 2 + 2 * 2 * 64 == 261
+    assert f.bytes("float32") == 32 * 224 * 224 * (3 + 261) * 4
+    # memory bound: bytes / 4250 GB/s
+    assert f.floor_ms() == pytest.approx(32 * 50176 * 264 * 4 / 4250e9 * 1e3)
+
+
+def test_fourier_kv_stride_shape_and_small_versions():
+    s = S.attn_shape("pio-fourier-s272")
+    assert (s.Dqk, s.kv_row_stride) == (261, 272)
+    small = s.small()
+    assert (small.H, small.Dqk, small.Dv, small.kv_row_stride) == (1, 261, 261, 272)
+    assert small.M <= 1024 and small.B <= 2
+    assert S.model_case("vit-b16").small().batch <= 2
+    with pytest.raises(KeyError, match="unknown attention shape"):
+        S.attn_shape("nope")
+
+
+def test_eager_memory_estimate_is_the_score_matrix_sized():
+    s = S.SWEEP_BASE.replace(M=200704)
+    # attention_reference in bf16: scores (2 B) + fp32 copy (4 B) + fp32 softmax (4 B) + bf16 probs (2 B)
+    assert s.eager_extra_bytes("bfloat16") == 8 * 512 * 200704 * 12
+    assert s.eager_extra_bytes("bfloat16", backward=True) == 2 * s.eager_extra_bytes("bfloat16")
+
+
+def test_strided_inputs_and_backends_agree_on_cpu():
+    shape = S.attn_shape("pio-fourier-s272").replace(B=2, N=16, M=48)
+    inp = attn_inputs(shape, "float32", "cpu")
+    assert inp["k"].shape == (2, 48, 1, 261)
+    assert inp["k"].stride() == (48 * 272, 272, 261, 1)
+    ref = attn_reference64(inp, shape)
+    for name in ("eager", "sdpa-math"):
+        out = attn_backend(name, shape)(inp)
+        assert out.shape == (2, 16, 1, 261)
+        err = ((out[:1].double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (name, err)
+
+
+def test_sdpa_refusal_is_recorded_as_fail_not_raised():
+    opts = BenchOptions(device="cpu", quick=True, ops=["keras"], models=[], backends=["eager", "sdpa-cudnn"],
+                        progress=False)
+    res = run(opts, log=lambda *_: None)
+    rows = res["rows"]
+    assert {r["backend"] for r in rows} == {"eager", "sdpa-cudnn"}
+    assert all(set(r) == set(ROW_FIELDS) for r in rows)
+    cudnn = [r for r in rows if r["backend"] == "sdpa-cudnn"]
+    assert cudnn and all(r["status"] == "FAIL" and r["reason"] for r in cudnn)
+    eager = [r for r in rows if r["backend"] == "eager"]
+    assert {r["direction"] for r in eager} == {"fwd", "fwd+bwd"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["speedup_vs_eager"] == 1.0 for r in eager)
+    assert eager[0]["relerr"] < 1e-5
+
+
+def test_speedups_and_targets_on_synthetic_rows():
+    def r(backend, ms, mib=None, direction="fwd", name="pio-learned"):
+        return make_row(section="op", name=name, direction=direction, dtype="bfloat16", backend=backend,
+                        status="ok", ms=ms, peak_mib=mib)
+
+    rows = [r("eager", 1.2, 788), r("sdpa-efficient", 4.0, 12), r("sdpa-math", 12.0), r("fused", 1.0, 30),
+            make_row(section="op", name="pio-learned", direction="fwd", dtype="bfloat16", backend="sdpa-flash",
+                     status="FAIL", reason="No available kernel")]
+    add_speedups(rows)
+    fused = rows[3]
+    assert fused["speedup_vs_eager"] == pytest.approx(1.2)
+    assert fused["speedup_vs_best_sdpa"] == pytest.approx(4.0)
+    res = evaluate(rows)
+    assert len(res) == 1 and res[0]["verdict"] == "MET"  # 1.2x eager, 30/788 = 3.8% of its memory
+    rows[3]["peak_mib"] = 100.0  # 12.7% of eager's memory: misses the 5% bound
+    assert evaluate(rows)[0]["verdict"] == "MISSED"
+
+
+def test_writers_produce_parseable_csv_json_and_png(tmp_path):
+    opts = BenchOptions(device="cpu", quick=True, ops=["sweep"], models=[], backends=["eager", "sdpa-math"],
+                        progress=False)
+    res = run(opts, log=lambda *_: None)
+    paths = write_all(res, str(tmp_path))
+    with open(paths["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and list(rows[0]) == ROW_FIELDS
+    assert {r["section"] for r in rows} == {"sweep"}
+    data = json.load(open(paths["json"]))
+    for key in ("date", "torch", "triton", "git_commit", "device", "gpu", "fused_path"):
+        assert key in data["env"]
+    assert data["env"]["fused_path"] in ("pytorch-fallback", "triton-interpreter")
+    assert len(data["rows"]) == len(rows)
+    assert all(r["ms"] is None or math.isfinite(r["ms"]) for r in data["rows"])
+    with open(paths["plot_sweep"], "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "not evaluated" in open(paths["targets"]).read()
