@@ -1,7 +1,4 @@
 """DistributedDataParallel: 2 gloo processes on CPU, fused attention, gradients equal to one process."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,11 +13,10 @@ def _build():
                      self_heads=2, depth=1, attention="fused")
 
 
-def _worker(rank, world, port, init_path, data_path, out_path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank, world, rendezvous, init_path, data_path, out_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # File rendezvous: no TCP port to race for with other test runs on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -40,12 +36,6 @@ def _worker(rank, world, port, init_path, data_path, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_two_process_gloo_matches_single_process(tmp_path):
     torch.manual_seed(0)
@@ -55,7 +45,7 @@ def test_ddp_two_process_gloo_matches_single_process(tmp_path):
     torch.save(model.state_dict(), init)
     torch.save((x, y), data)
     # TRITON_INTERPRET (set by conftest) is inherited by the spawned workers.
-    mp.spawn(_worker, args=(2, _free_port(), str(init), str(data), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(init), str(data), str(out)), nprocs=2, join=True)
     grads = torch.load(out, weights_only=True)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)  # identical on both ranks
     F.cross_entropy(model(x), y).backward()

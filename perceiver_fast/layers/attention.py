@@ -274,7 +274,7 @@ class CrossAttentionLayer(nn.Module):
                                    use_query_residual=use_query_residual, dropout=dropout,
                                    layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
         self.norm_mlp = nn.LayerNorm(q_dim, eps=layer_norm_eps)
-        self.mlp = MLP(q_dim, widening_factor * q_dim, dropout=mlp_dropout)
+        self.mlp = MLP(q_dim, int(widening_factor * q_dim), dropout=mlp_dropout)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
         x = self.attn(q, kv, key_padding_mask)
