@@ -46,12 +46,13 @@ def _naive_cross(mod: CrossAttention, q, kv, mask=None):
 @pytest.mark.parametrize("attention", ["fused", "eager"])
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("fold", [True, False])
-def test_cross_attention_matches_hf_formula_and_folding_is_exact(attention, heads, fold):
+@pytest.mark.parametrize("q_batch", [1, 3])
+def test_cross_attention_matches_hf_formula_and_folding_is_exact(attention, heads, fold, q_batch):
     mod = CrossAttention(16, 12, heads=heads, qk_channels=8, v_channels=12, attention=attention, fold=fold)
     with torch.no_grad():  # non-trivial biases so the folding's bias algebra is exercised
         for lin in (mod.to_q, mod.to_k, mod.to_v):
             lin.bias.normal_()
-    q = torch.randn(1, 4, 16, requires_grad=True)  # batch-shared latents
+    q = torch.randn(q_batch, 4, 16, requires_grad=True)  # q_batch 1: batch-shared latents
     kv = torch.randn(3, 10, 12, requires_grad=True)
     mask = torch.ones(3, 10, dtype=torch.bool)
     mask[1, 6:] = False
