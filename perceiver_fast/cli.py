@@ -60,7 +60,8 @@ def _bench_parser(sub) -> None:
                                                      "sdpa-efficient, sdpa-cudnn, sdpa-math, fused, hf, ours, ...)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="include torch.compile baselines (default: on for a full GPU run)")
+                   help="torch.compile baselines for attention too (default: only for the Fourier encoder, "
+                        "on a GPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new cases after this many seconds (the rest is recorded as SKIP)")
