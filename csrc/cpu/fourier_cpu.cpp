@@ -177,6 +177,9 @@ void encode_rows(const FourierGeometry& g, const scalar_t* in, scalar_t* out) {
   constexpr int64_t kStageBytes = 16 * 1024;
   const int64_t stage_rows = std::max<int64_t>(1, kStageBytes / (W * int64_t(sizeof(scalar_t))));
   const int64_t grain = std::max<int64_t>(stage_rows, (1 << 20) / (W * int64_t(sizeof(scalar_t))));
+  // Streaming stores only pay off for outputs much larger than the caches;
+  // a small output is better left in cache for whoever reads it next.
+  const bool streaming = rows * W * int64_t(sizeof(scalar_t)) >= (int64_t{8} << 20);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> stage(stage_rows * W);
     int64_t idx[kMaxIndexDims];
@@ -210,9 +213,13 @@ void encode_rows(const FourierGeometry& g, const scalar_t* in, scalar_t* out) {
           idx[d] = 0;
         }
       }
-      stream_copy(out + r0 * W, stage.data(), sizeof(scalar_t) * n * W);
+      if (streaming) {
+        stream_copy(out + r0 * W, stage.data(), sizeof(scalar_t) * n * W);
+      } else {
+        std::memcpy(out + r0 * W, stage.data(), sizeof(scalar_t) * n * W);
+      }
     }
-    stream_fence();
+    if (streaming) stream_fence();
   });
 }
 
