@@ -301,6 +301,15 @@ def test_missing_extension_message(monkeypatch):
         _extension.load()
 
 
+def test_extension_imports_before_torch():
+    import subprocess
+    import sys
+
+    code = "import perceiver_fast._C, torch; print(torch.ops.perceiver_fast.fourier_encode.default)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- module
 def test_module_forward_and_cache():
     pe = FourierPositionEncoding((6, 5), 4, max_resolution=(12, 10))
@@ -317,6 +326,7 @@ def test_module_forward_and_cache():
     assert f16.dtype == torch.float16 and f16 is not f32
     assert pe.features(4).shape == (4, 30, pe.output_channels)
     assert "num_bands=4" in repr(pe)
+    assert len(pe.state_dict()) == 0  # the cache is not a buffer: nothing to save or load
 
 
 @needs_hf
