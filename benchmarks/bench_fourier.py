@@ -6,8 +6,9 @@
 "eager" is HF transformers' recipe (reference.fourier_encode_reference:
 build_linear_positions + generate_fourier_features in float32, then torch.cat
 onto the flattened inputs); "fused" is perceiver_fast.fourier_encode, which
-writes the output once. On a GPU a plain device-to-device copy of the same
-number of bytes is timed as the bandwidth ceiling. extra_info carries the
+writes the output once. On a GPU two bandwidth ceilings are timed for the
+same number of output bytes: a device-to-device copy (which also reads them)
+and a fill (write only). extra_info carries the
 bytes written and the effective GB/s (bytes of the output / median time).
 """
 import math
@@ -74,16 +75,19 @@ def test_fourier_cpu(benchmark, case, impl):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["eager", "fused", "copy"])
+@pytest.mark.parametrize("impl", ["eager", "fused", "copy", "fill"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
 def test_fourier_cuda(benchmark, case, impl, dtype):
     name, batch, index_dims, num_bands, cin = case
     x = torch.randn(batch, *index_dims, cin, device="cuda", dtype=dtype)
     nbytes = _out_bytes(batch, index_dims, num_bands, cin, dtype)
-    if impl == "copy":  # device-to-device copy of as many bytes: the bandwidth ceiling
+    if impl == "copy":  # device-to-device copy writing as many bytes (and reading as many)
         src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         fn = lambda: dst.copy_(src)  # noqa: E731
+    elif impl == "fill":  # write-only ceiling: fill as many bytes
+        dst = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+        fn = lambda: dst.fill_(1.0)  # noqa: E731
     else:
         op = _impl(impl)
         fn = lambda: op(x, num_bands)  # noqa: E731
