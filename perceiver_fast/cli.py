@@ -54,7 +54,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="attention/model dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--ops", default="all",
-                   help="comma-separated op cases: attention shape names, 'fourier', 'sweep'; 'all' or 'none'")
+                   help="comma-separated op cases: attention shape names, 'fourier', 'sweep', 'layers'; 'all' or "
+                        "'none'")
     p.add_argument("--models", default="all", help="comma-separated model cases; 'all' or 'none'")
     p.add_argument("--backends", default="all", help="comma-separated backends (eager, compile, sdpa-flash, "
                                                      "sdpa-efficient, sdpa-cudnn, sdpa-math, fused, hf, ours, ...)")
@@ -112,7 +113,7 @@ def _bench(args) -> int:
     import torch
 
     ops = _split(args.ops)
-    known_ops = [s.name for s in S.ATTN_SHAPES] + ["fourier", "sweep"]
+    known_ops = [s.name for s in S.ATTN_SHAPES] + ["fourier", "sweep", "layers"]
     for o in ops or []:
         if o not in known_ops:
             raise UsageError(f"unknown op case {o!r}; known: {', '.join(known_ops)}")

@@ -206,10 +206,10 @@ def init_distributed(device_arg: Optional[str]) -> Tuple[Dist, torch.device]:
 
 @dataclass
 class TrainConfig:
-    model: str = "perceiver"
+    model: str = "vit"
     dataset: str = "digits"
     attention: str = "fused"
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig) -> Dict:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--model", choices=MODELS, default=d.model, help="model family (default: perceiver)")
+    p.add_argument("--model", choices=MODELS, default=d.model, help="model family (default: vit)")
     p.add_argument("--dataset", default=d.dataset, help="'digits' (sklearn, bundled) or a .npz with x (N,H,W,C "
                                                         "uint8) and y (N int)")
     p.add_argument("--attention", choices=["fused", "eager"], default=d.attention)

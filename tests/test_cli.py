@@ -28,7 +28,7 @@ def _is_png(path):
 
 def test_bench_quick_on_cpu_writes_csv_json_and_plots(tmp_path):
     out = tmp_path / "bench"
-    p = cli("bench", "--quick", "--ops", "pio-conv,sweep", "--models", "pio-learned", "--no-progress",
+    p = cli("bench", "--quick", "--ops", "pio-conv,sweep,layers", "--models", "pio-learned", "--no-progress",
             "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Triton kernels need a" in p.stdout  # says plainly that the GPU kernels did not run
@@ -36,7 +36,10 @@ def test_bench_quick_on_cpu_writes_csv_json_and_plots(tmp_path):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "results.csv")))
     sections = {r["section"] for r in rows}
-    assert sections == {"op", "sweep", "model"}
+    assert sections == {"op", "sweep", "layer", "model"}
+    layer = [r for r in rows if r["section"] == "layer"]
+    assert {r["backend"] for r in layer} == {"hf:eager", "hf-patched:fused", "ours:fused"}
+    assert all(r["status"] == "ok" for r in layer if r["backend"] == "ours:fused"), layer
     ops = [r for r in rows if r["section"] == "op"]
     assert {r["backend"] for r in ops} >= {"eager", "sdpa-math", "fused"}
     fused = [r for r in ops if r["backend"] == "fused"]

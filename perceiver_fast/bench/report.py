@@ -26,7 +26,7 @@ def format_table(result: Dict) -> str:
                  f"triton {env['triton']}  commit {env['git_commit']}  fused path: {env['fused_path']}")
     hdr = f"{'case':<46} {'dir':<7} {'backend':<19} {'ms':>9} {'x eager':>7} {'x sdpa':>7} " \
           f"{'TFLOP/s':>7} {'GB/s':>6} {'img/s':>7} {'peakMiB':>8}  note"
-    for section in ("ceiling", "op", "sweep", "model"):
+    for section in ("ceiling", "op", "sweep", "layer", "model"):
         srows = [r for r in rows if r["section"] == section]
         if not srows:
             continue
@@ -34,7 +34,7 @@ def format_table(result: Dict) -> str:
         lines.append(f"## {section}")
         lines.append(hdr)
         for r in srows:
-            case = r["name"] if section != "op" or not r.get("label") else r["label"]
+            case = r["label"] if section in ("op", "layer") and r.get("label") else r["name"]
             if section == "sweep" and r.get("M") is not None:
                 case = f"M={r['M']} (B{r['B']} N{r['N']} H{r['H']} D{r['Dqk']})"
             note = r["reason"] or ""

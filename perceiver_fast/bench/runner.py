@@ -7,6 +7,7 @@ Sections:
 * ``op``: every attention shape of :data:`.shapes.ATTN_SHAPES` (forward and
   forward+backward) and the Fourier encoder, for every backend;
 * ``sweep``: cross-attention forward time and memory against input length M;
+* ``layer``: our cross-attention layer against HF's PerceiverLayer (same weights);
 * ``model``: images/s of our models against HF transformers / timm.
 
 On a machine without CUDA everything runs on the CPU at small sizes
@@ -97,6 +98,9 @@ class Job:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD of the checkout (with -dirty), or $PERCEIVER_FAST_COMMIT where there is no .git (a copied tree)."""
+    if os.environ.get("PERCEIVER_FAST_COMMIT"):
+        return os.environ["PERCEIVER_FAST_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
@@ -352,6 +356,10 @@ def build_jobs(opts: BenchOptions) -> List[Job]:
             for b in _attn_backends(opts, with_compile=False):
                 jobs.append(Job("sweep", f"{sh.name} {b}",
                                 lambda sh=sh, b=b: _attn_case(sh, b, opts, "sweep", False, name=sh.name)))
+    if _wanted("layers", opts.ops):
+        from .layers import layer_jobs
+
+        jobs += layer_jobs(opts)
     if opts.models is None or opts.models:
         from .models import model_jobs
 
@@ -371,7 +379,7 @@ def add_speedups(rows: List[Dict]) -> None:
     any backend containing ``sdpa`` (timm with fused_attn, i.e. SDPA)."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
-        if r["section"] in ("op", "sweep", "model"):
+        if r["section"] in ("op", "sweep", "layer", "model"):
             groups.setdefault((r["section"], r["name"], r["direction"], r["dtype"]), []).append(r)
     for grp in groups.values():
         ok = [r for r in grp if r["status"] in ("ok", "WRONG") and r["ms"]]

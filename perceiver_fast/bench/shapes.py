@@ -177,6 +177,27 @@ class ModelCase:
                                    kwargs={**self.kwargs, "tiny": True})
 
 
+@dataclass(frozen=True)
+class LayerCase:
+    """A Perceiver IO encoder cross-attention layer (HF PerceiverLayer, is_cross_attention=True):
+    N latents of q_dim attend to M inputs of kv_dim, one head, widening factor 1."""
+
+    name: str
+    B: int
+    N: int
+    M: int
+    q_dim: int
+    kv_dim: int
+    note: str = ""
+
+    def label(self) -> str:
+        return f"layer {self.name} B{self.B} N{self.N} M{self.M} q{self.q_dim} kv{self.kv_dim}"
+
+    def small(self) -> "LayerCase":
+        return dataclasses.replace(self, B=min(self.B, 2), N=min(self.N, 64), M=min(self.M, 1024),
+                                   q_dim=min(self.q_dim, 256))
+
+
 def floor_ms(flops: float, nbytes: float, dtype: str = "bfloat16", ceilings=H200_CEILINGS) -> float:
     """max(compute time, memory time) in ms at the given ceilings."""
     t_flop = flops / (ceilings["tflops"].get(dtype, ceilings["tflops"]["float32"]) * 1e12) if flops else 0.0
@@ -224,6 +245,14 @@ SWEEP_M_CPU = [256, 512, 1024, 2048, 4096]
 def sweep_shapes(ms: List[int], base: AttnShape = SWEEP_BASE) -> List[AttnShape]:
     return [base.replace(name=f"sweep-M{m}", M=m) for m in ms]
 
+
+# Layer targets of issue 6: HF PerceiverLayer vs ours, same weights, B8.
+LAYER_CASES: List[LayerCase] = [
+    LayerCase("learned", 8, 512, 50176, 1024, 512, note="learned positions, kv_dim 512"),
+    LayerCase("fourier", 8, 512, 50176, 1024, 261, note="Fourier features, kv_dim 261"),
+    LayerCase("conv", 8, 512, 3025, 1024, 322, note="conv processing, 55x55, kv_dim 322"),
+]
+QUICK_LAYERS = ["learned"]
 
 MODEL_CASES: List[ModelCase] = [
     ModelCase("pio-learned", "perceiver-io", 8, kwargs={"preprocessor": "learned"},
