@@ -82,6 +82,29 @@ def test_cross_attention_matches_hf_formula_and_folding_is_exact(attention, head
         torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("attention", ["fused", "eager"])
+def test_folding_is_exact_for_a_fully_masked_batch_element(attention):
+    """Every input of batch 0 masked: the attention returns zeros there (P's rows sum to 0, not 1), so the
+    folded path must not add b_v either - outputs and gradients equal the unfolded path's."""
+    torch.manual_seed(0)
+    mod = CrossAttention(8, 6, heads=2, qk_channels=4, attention=attention, fold=False)
+    with torch.no_grad():
+        mod.to_v.bias.normal_()
+    q, kv = torch.randn(1, 3, 8), torch.randn(2, 5, 6)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0] = False
+    mask[1, 3:] = False
+    results = []
+    for fold in (False, True):
+        mod.fold = fold
+        mod.zero_grad()
+        out = mod(q, kv, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), mod.to_v.bias.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
 def test_folding_is_chosen_by_flops():
     # HF learned: N=512 latents, M=50176 inputs, Din=Dqk=Dv=512, 1 head -> fold.
     unfolded, folded = folding_flops(512, 50176, 512, 512, 512, 1)

@@ -19,7 +19,8 @@ inputs X = LN(x) (M, Din)::
     O_h = P_h (X W_v,h^T + 1 b_v,h^T)   = (P_h X) W_v,h^T + b_v,h
 
 The bias term of S_h is constant along each row, so softmax drops it exactly;
-the rows of P_h sum to 1, so b_v,h passes through. The folded path therefore
+the rows of P_h sum to 1, so b_v,h passes through (a query whose keys are all
+masked gets zeros from the attention, so there b_v,h is dropped too). The folded path therefore
 runs ONE attention call over keys = values = X with queries q' = Q_h W_k,h
 (head dim Din, softmax scale still 1/sqrt(dh)). All heads share the same keys,
 so the H folded queries are stacked along the query axis: q'' (Bq, H*N, 1, Din).
@@ -152,7 +153,12 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     if row_sums:
         out = out + o[..., din].transpose(1, 2).unsqueeze(-1) * to_v.bias.view(h, dv)
     elif to_v.bias is not None:
-        out = out + to_v.bias.view(h, dv)
+        b_v = to_v.bias.view(h, dv)
+        if key_padding_mask is not None:
+            # A query whose keys are all masked gets zeros from the attention (its row of P sums to 0,
+            # not 1), so b_v must not pass through there either.
+            b_v = b_v * key_padding_mask.any(1).to(b_v.dtype)[:, None, None, None]
+        out = out + b_v
     out = out.reshape(b, n, h * dv)
     if to_k.bias is not None:
         # b_k cancels in the softmax, so its gradient is exactly 0. Keep it in the graph anyway, so it
