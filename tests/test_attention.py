@@ -435,6 +435,28 @@ def test_backend_switch_validation():
         A.cross_attention(q, k, v)
 
 
+
+def test_tf32_setting_read_through_the_fp32_precision_api():
+    """torch >= 2.9 sets TF32 with ``torch.backends.cuda.matmul.fp32_precision``; after that, reading the
+    legacy ``allow_tf32`` raises, so the ops must read the new setting (and never crash on fp32 inputs)."""
+    from perceiver_fast.ops import attention_kernels as AK
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API (older than 2.9)")
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        A._BACKEND = "triton"
+        q, k, v = _inputs(1, 1, 3, 5, 1, 4, 4)
+        A.cross_attention(q, k, v).sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+        for prec, want in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = prec
+            assert AK._tf32_allowed() is want
+    finally:
+        matmul.fp32_precision = saved
+
 # ---------------------------------------------------------------------------
 # GPU only
 # ---------------------------------------------------------------------------

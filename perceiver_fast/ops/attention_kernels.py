@@ -472,8 +472,22 @@ def _dropout_mask_kernel(Out, seed, H, N, M, dropout_p, BLOCK_N: tl.constexpr, B
 # ---------------------------------------------------------------------------
 # Launchers (inputs already validated by perceiver_fast.ops.attention)
 # ---------------------------------------------------------------------------
+def _tf32_allowed() -> bool:
+    """Whether fp32 matmuls may use TF32, per torch's cuBLAS matmul setting.
+
+    torch >= 2.9 reports it as ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" | "ieee" | "none"),
+    which also reflects the legacy ``allow_tf32`` and ``torch.set_float32_matmul_precision``; reading
+    ``allow_tf32`` after a user set the new API raises, so it is only the fallback for older torch.
+    """
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is None:
+        return bool(matmul.allow_tf32)
+    return prec == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+    if dtype == torch.float32 and not INTERPRET and _tf32_allowed():
         return "tf32"
     return "ieee"
 
