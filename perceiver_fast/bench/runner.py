@@ -325,6 +325,8 @@ def _attn_backends(opts: BenchOptions, with_compile: bool) -> List[str]:
 
 
 def build_jobs(opts: BenchOptions) -> List[Job]:
+    """Jobs in priority order (a --budget-s cut drops the tail): ceilings, ops, Fourier encoder, layers,
+    models, then the sweep against M (whose largest sizes are the slowest cases)."""
     jobs: List[Job] = []
     cuda = is_cuda(opts.device)
     if cuda and _wanted("ceiling", opts.ops) and opts.ops is None:
@@ -345,6 +347,14 @@ def build_jobs(opts: BenchOptions) -> List[Job]:
                 if (b == "compile" and not opts.compile_fourier) or (opts.backends is not None and b not in opts.backends):
                     continue
                 jobs.append(Job("op", f"fourier {b}", lambda fsh=fsh, b=b: _fourier_case(fsh, b, opts)))
+    if _wanted("layers", opts.ops):
+        from .layers import layer_jobs
+
+        jobs += layer_jobs(opts)
+    if opts.models is None or opts.models:
+        from .models import model_jobs
+
+        jobs += model_jobs(opts)
     if _wanted("sweep", opts.ops):
         if opts.small:
             ms = S.SWEEP_M_CPU[:3] if opts.quick else S.SWEEP_M_CPU
@@ -356,14 +366,6 @@ def build_jobs(opts: BenchOptions) -> List[Job]:
             for b in _attn_backends(opts, with_compile=False):
                 jobs.append(Job("sweep", f"{sh.name} {b}",
                                 lambda sh=sh, b=b: _attn_case(sh, b, opts, "sweep", False, name=sh.name)))
-    if _wanted("layers", opts.ops):
-        from .layers import layer_jobs
-
-        jobs += layer_jobs(opts)
-    if opts.models is None or opts.models:
-        from .models import model_jobs
-
-        jobs += model_jobs(opts)
     return jobs
 
 
