@@ -70,6 +70,22 @@ def test_from_hf_fused_logits_and_gradients(kind):
         torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+
+def test_from_hf_follows_the_config():
+    """use_query_residual=False (the encoder cross-attention without the latent residual) converts exactly,
+    the attention dropout carries over, and an activation other than exact GELU is refused."""
+    hf, size = _hf("learned", dropout=0.25, use_query_residual=False)
+    hf.eval()
+    ours = PerceiverIO.from_hf(hf, attention="eager")
+    assert not ours.cross_attention.attn.use_query_residual
+    assert ours.cross_attention.attn.dropout == 0.25 and ours.self_attends[0].dropout == 0.25
+    x = torch.randn(2, 3, size, size)
+    torch.testing.assert_close(ours(x), hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+    assert PerceiverIO.from_hf_config(hf.config).cross_attention.attn.use_query_residual is False
+    hf, _ = _hf("learned", hidden_act="relu")
+    with pytest.raises(ValueError, match="hidden_act"):
+        PerceiverIO.from_hf(hf)
+
 @pytest.mark.parametrize("kind", sorted(VARIANTS))
 def test_patch_hf_perceiver_eval_logits_equal(kind):
     hf, size = _hf(kind)

@@ -46,6 +46,8 @@ def perceiver_io_from_hf(cls, hf_model, *, attention: str = "fused", fold="auto"
                          "(an image preprocessor of prep_type conv1x1, pixels or conv)")
     if decoder is None or not hasattr(decoder, "decoder") or not hasattr(decoder.decoder, "decoding_cross_attention"):
         raise ValueError("from_hf needs a PerceiverClassificationDecoder")
+    if config.hidden_act != "gelu":
+        raise ValueError(f"only hidden_act='gelu' (exact GELU, as our MLP) is supported, got {config.hidden_act!r}")
     if config.cross_attention_shape_for_attention != "kv" and config.qk_channels is None:
         raise ValueError("only cross_attention_shape_for_attention='kv' (HF's default) is supported")
     if prep.spatial_downsample not in (1, 4) or (prep.prep_type != "conv" and prep.spatial_downsample != 1):
@@ -60,8 +62,9 @@ def perceiver_io_from_hf(cls, hf_model, *, attention: str = "fused", fold="auto"
         decoder_heads=decoder.decoder.decoding_cross_attention.attention.self.num_heads,
         cross_widening_factor=config.cross_attention_widening_factor,
         self_widening_factor=config.self_attention_widening_factor,
+        use_query_residual=config.use_query_residual,
         qk_channels=config.qk_channels, v_channels=config.v_channels,
-        dropout=0.0, attention=attention, fold=fold,
+        dropout=config.attention_probs_dropout_prob, attention=attention, fold=fold,
     )
     if kind == "learned":
         kwargs.update(prep_channels=prep.out_channels, pos_channels=prep.position_embeddings.output_size())

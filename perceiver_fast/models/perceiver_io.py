@@ -15,6 +15,7 @@ self_heads                     8           self-attention heads
 cross_heads                    1           encoder cross-attention heads
 decoder_heads                  1           decoder cross-attention heads
 cross_widening_factor          1           MLP width factor of the cross-attention layers
+use_query_residual             True        encoder cross-attention adds the latents back (HF's config flag)
 self_widening_factor           1           MLP width factor of the self-attention layers
 qk_channels, v_channels        None        HF defaults (cross: kv_dim; self: latent_dim)
 prep_channels                  None        conv width: 256 (learned) / 64 (conv)
@@ -64,7 +65,7 @@ class PerceiverIO(nn.Module):
                  preprocessing: str = "learned", num_latents: int = 512, latent_dim: int = 1024,
                  num_blocks: int = 8, num_self_attends_per_block: int = 6, self_heads: int = 8,
                  cross_heads: int = 1, decoder_heads: int = 1, cross_widening_factor: int = 1,
-                 self_widening_factor: int = 1, qk_channels: Optional[int] = None,
+                 self_widening_factor: int = 1, use_query_residual: bool = True, qk_channels: Optional[int] = None,
                  v_channels: Optional[int] = None, prep_channels: Optional[int] = None, pos_channels: int = 256,
                  num_bands: int = 64, max_resolution=None, dropout: float = 0.0, layer_norm_eps: float = 1e-5,
                  attention: str = "fused", fold: FoldMode = "auto"):
@@ -89,7 +90,8 @@ class PerceiverIO(nn.Module):
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.cross_attention = CrossAttentionLayer(
             latent_dim, self.preprocessor.num_channels, heads=cross_heads, qk_channels=qk_channels,
-            v_channels=v_channels, widening_factor=cross_widening_factor, dropout=dropout,
+            v_channels=v_channels, widening_factor=cross_widening_factor, use_query_residual=use_query_residual,
+            dropout=dropout,
             layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
         self.self_attends = nn.ModuleList(
             SelfAttentionBlock(latent_dim, heads=self_heads, dim_head=self_inner // self_heads,
@@ -111,7 +113,8 @@ class PerceiverIO(nn.Module):
         """Random-init model with the architecture of a transformers ``PerceiverConfig`` (no weights copied).
 
         Maps num_latents, d_latents, num_blocks, num_self_attends_per_block, num_self_attention_heads,
-        num_cross_attention_heads, *_widening_factor, qk/v_channels, image_size, num_labels; the
+        num_cross_attention_heads, *_widening_factor, use_query_residual, qk/v_channels,
+        attention_probs_dropout_prob, image_size, num_labels; the
         preprocessing's HF defaults (Fourier max_resolution 224 or 56) apply unless overridden.
         """
         kwargs = dict(
@@ -122,7 +125,9 @@ class PerceiverIO(nn.Module):
             self_heads=config.num_self_attention_heads, cross_heads=config.num_cross_attention_heads,
             cross_widening_factor=config.cross_attention_widening_factor,
             self_widening_factor=config.self_attention_widening_factor,
+            use_query_residual=config.use_query_residual,
             qk_channels=config.qk_channels, v_channels=config.v_channels,
+            dropout=config.attention_probs_dropout_prob,
         )
         kwargs.update(overrides)
         return cls(**kwargs)
