@@ -76,6 +76,7 @@ def _train_parser(sub) -> None:
     from perceiver_fast.train import add_train_arguments
 
     p = sub.add_parser("train", help="train a model with the fused layers (default: sklearn digits)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Train a Perceiver, Perceiver IO or ViT on sklearn's bundled digits or on an "
                                    ".npz (x: N x H x W x C uint8, y: N int). Saves a loss/accuracy plot, a "
                                    "checkpoint and metrics to --out. Under torchrun it trains with DDP.")

@@ -373,23 +373,24 @@ def train(cfg: TrainConfig) -> Dict:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--model", choices=MODELS, default=d.model, help="model family (default: vit)")
+    p.add_argument("--model", choices=MODELS, default=d.model, help="model family")
     p.add_argument("--dataset", default=d.dataset, help="'digits' (sklearn, bundled) or a .npz with x (N,H,W,C "
                                                         "uint8) and y (N int)")
-    p.add_argument("--attention", choices=["fused", "eager"], default=d.attention)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--attention", choices=["fused", "eager"], default=d.attention,
+                   help="fused ops (Triton on a GPU, their PyTorch fallback on a CPU) or eager attention")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate (warm-up, cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only)")
     p.add_argument("--shift", type=int, default=d.shift, help="random-translation augmentation in pixels (0: off)")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share of the data")
+    p.add_argument("--seed", type=int, default=d.seed, help="split, init and shuffling seed")
     p.add_argument("--size", choices=["default", "tiny"], default=d.size, help="model size preset")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default=d.out, help="output folder (default: runs/train)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=d.out, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def train_from_args(args: argparse.Namespace) -> Dict:
