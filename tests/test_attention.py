@@ -105,35 +105,30 @@ def test_cross_fp32_matches_float64(backend, case):
         assert (ours[0][0] == 0).all() and (ours[2][0] == 0).all() and (ours[3][0] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [(1, 2, 19, 33, 2, 24, 40, True), (2, 2, 5, 7, 1, 261, 261, False)],
-                         ids=["shared_mask", "D261"])
-def test_cross_fp16_within_eager_error(backend, case):
-    A._BACKEND = backend
-    Bq, B, N, M, H, Dqk, Dv, masked = case
-    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=torch.float16)
-    mask = _mask(B, M, fully_masked_batch=False) if masked else None
-    grad = torch.randn(B, N, H, Dv, device=q.device, dtype=torch.float16)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
-    assert all(t.dtype == torch.float16 for t in ours)
-    eager = _run(attention_reference, [q, k, v], grad, key_padding_mask=mask)
-    ref = _reference([q, k, v], grad, key_padding_mask=mask)
-    _assert_within_eager(ours, eager, ref, floor=2e-3)
+# (dtype, (Bq, B, N, M, H, Dqk, Dv, masked), error floor)
+LOW_PRECISION_CASES = {
+    "fp16-shared_mask": (torch.float16, (1, 2, 19, 33, 2, 24, 40, True), 2e-3),
+    "fp16-D261": (torch.float16, (2, 2, 5, 7, 1, 261, 261, False), 2e-3),
+    "bf16-shared_mask": (torch.bfloat16, (1, 2, 19, 33, 2, 24, 40, True), 1e-2),
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cross_bf16_within_eager_error(backend):
-    if backend == "triton" and not HAS_CUDA:
+@pytest.mark.parametrize("name", sorted(LOW_PRECISION_CASES))
+def test_cross_low_precision_within_eager_error(backend, name):
+    dtype, case, floor = LOW_PRECISION_CASES[name]
+    if dtype == torch.bfloat16 and backend == "triton" and not HAS_CUDA:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (triton-lang/triton#11584); runs on GPU")
     A._BACKEND = backend
-    q, k, v = _inputs(1, 2, 19, 33, 2, 24, 40, dtype=torch.bfloat16)
-    mask = _mask(2, 33, fully_masked_batch=False)
-    grad = torch.randn(2, 19, 2, 40, device=q.device, dtype=torch.bfloat16)
+    Bq, B, N, M, H, Dqk, Dv, masked = case
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=dtype)
+    mask = _mask(B, M, fully_masked_batch=False) if masked else None
+    grad = torch.randn(B, N, H, Dv, device=q.device, dtype=dtype)
     ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
-    assert all(t.dtype == torch.bfloat16 for t in ours)
+    assert all(t.dtype == dtype for t in ours)
     eager = _run(attention_reference, [q, k, v], grad, key_padding_mask=mask)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
-    _assert_within_eager(ours, eager, ref, floor=1e-2)
+    _assert_within_eager(ours, eager, ref, floor=floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

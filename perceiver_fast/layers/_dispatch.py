@@ -11,7 +11,6 @@ All tensors use the (batch, seq, heads, head_dim) layout of the ops.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -42,15 +41,6 @@ def _fused_ops():
             f"imported ({_ATTENTION_IMPORT_ERROR}); use attention='eager' or install triton"
         )
     return _attention_ops
-
-
-def fused_available() -> bool:
-    """True when the fused attention ops can be imported."""
-    try:
-        _fused_ops()
-    except ImportError:
-        return False
-    return True
 
 
 def cross_attention(
@@ -139,7 +129,3 @@ def fourier_encode(inputs: torch.Tensor, num_bands: int, *, max_resolution=None,
 def fourier_channels(num_dims: int, num_bands: int, *, concat_pos: bool = True, sine_only: bool = False) -> int:
     """Number of Fourier feature channels (HF's ``output_size``)."""
     return num_dims * num_bands * (1 if sine_only else 2) + (num_dims if concat_pos else 0)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -207,6 +207,11 @@ def attention_bwd_chunked(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 # ---------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------
+def _seed_int(seed: Optional[Tensor]) -> int:
+    """The dropout seed the ops receive as a 1-element int64 tensor (None without dropout), as an int."""
+    return int(seed.item()) if seed is not None else 0
+
+
 def _use_triton(t: Tensor) -> bool:
     if _BACKEND is not None:
         if _BACKEND not in ("triton", "torch"):
@@ -220,12 +225,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
                   seed: Optional[Tensor], dropout_p: float, softmax_scale: float,
                   num_splits: int) -> Tuple[Tensor, Tensor]:
     """Forward: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N))."""
-    seed_v = int(seed.item()) if seed is not None else 0
     if _use_triton(q):
         from perceiver_fast.ops.attention_kernels import attention_fwd_triton
 
         return attention_fwd_triton(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits)
-    return attention_fwd_chunked(q, k, v, key_padding_mask, seed_v, dropout_p, softmax_scale)
+    return attention_fwd_chunked(q, k, v, key_padding_mask, _seed_int(seed), dropout_p, softmax_scale)
 
 
 @attention_fwd.register_fake
@@ -239,12 +243,12 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
                   softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous)."""
-    seed_v = int(seed.item()) if seed is not None else 0
     if _use_triton(q):
         from perceiver_fast.ops.attention_kernels import attention_bwd_triton
 
         return attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, softmax_scale)
-    return attention_bwd_chunked(grad_out, q, k, v, out, lse, key_padding_mask, seed_v, dropout_p, softmax_scale)
+    return attention_bwd_chunked(grad_out, q, k, v, out, lse, key_padding_mask, _seed_int(seed), dropout_p,
+                                 softmax_scale)
 
 
 @attention_bwd.register_fake

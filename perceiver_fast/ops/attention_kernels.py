@@ -520,10 +520,6 @@ def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor):
     return mask.view(torch.uint8), mask.stride(0), True
 
 
-def _seed_value(seed: Optional[torch.Tensor]) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
                          num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     Bq, N, H, Dqk = q.shape
@@ -554,7 +550,7 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float,
         sl = 0
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, num_splits * triton.cdiv(Dv, meta["BLOCK_DV"]))
     _attn_fwd_kernel[grid](
-        q, k, v, mask_t, target, target_lse, _seed_value(seed),
+        q, k, v, mask_t, target, target_lse, _api._seed_int(seed),
         q.stride(0) if Bq > 1 else 0, q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -602,7 +598,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     mask_t, stride_maskb, has_mask = _mask_args(mask, q)
     dropout = dropout_p > 0.0
     prec = _precision(q.dtype)
-    seed_v = _seed_value(seed)
+    seed_v = _api._seed_int(seed)
     sqb = q.stride(0) if Bq > 1 else 0
     common = (
         sqb, q.stride(1), q.stride(2),
