@@ -169,6 +169,35 @@ def test_vit_from_timm_structure():
         ViT.from_timm(timm_like)
 
 
+
+def test_vit_from_timm_refuses_what_it_cannot_convert_and_keeps_dropout():
+    """A patch-embedding norm or a post-norm block (same parameter names, other maths) must be refused, not
+    silently converted; the dropout rates carry over to the converted model."""
+    from perceiver_fast.models import ViT
+
+    timm_like = TimmLikeViT()
+    timm_like.pos_drop = nn.Dropout(0.3)
+    for blk in timm_like.blocks:
+        blk.attn.attn_drop.p, blk.attn.proj_drop.p = 0.2, 0.1
+    ours = ViT.from_timm(timm_like)
+    assert ours.emb_drop.p == 0.3
+    assert ours.blocks[0].dropout == 0.2 and ours.blocks[0].proj_drop.p == 0.1
+
+    timm_like = TimmLikeViT()
+    timm_like.patch_embed.norm = nn.LayerNorm(16)
+    with pytest.raises(ValueError, match="patch_embed.norm"):
+        ViT.from_timm(timm_like)
+
+    class ResPostBlock(TimmLikeBlock):  # timm's post-norm block: x + norm1(attn(x))
+        def forward(self, x):
+            x = x + self.norm1(self.attn(x))
+            return x + self.norm2(self.mlp.fc2(self.mlp.act(self.mlp.fc1(x))))
+
+    timm_like = TimmLikeViT()
+    timm_like.blocks[1] = ResPostBlock(16, 2, 32)
+    with pytest.raises(ValueError, match="ResPostBlock"):
+        ViT.from_timm(timm_like)
+
 def test_vit_from_real_timm():
     from perceiver_fast.models import ViT
 

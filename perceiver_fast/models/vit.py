@@ -68,8 +68,9 @@ class ViT(nn.Module):
 
     @classmethod
     def from_timm(cls, model, *, attention: str = "fused") -> "ViT":
-        """Convert a timm ``VisionTransformer`` (class token, token pooling, no register tokens,
-        qk-norm or layer scale) to a :class:`ViT` with the same weights."""
+        """Convert a timm ``VisionTransformer`` (class token, token pooling, pre-norm blocks, no register
+        tokens, qk-norm or layer scale) to a :class:`ViT` with the same weights and dropout rates
+        (drop-path is not carried over)."""
         return _vit_from_timm(cls, model, attention)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,10 @@ class ViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(images)
         return self.head(x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1))
+
+
+def _dropout_p(module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
 
 def _vit_from_timm(cls, model, attention: str) -> ViT:
@@ -100,8 +105,15 @@ def _vit_from_timm(cls, model, attention: str) -> ViT:
         mod = getattr(model, name, None)
         if mod is not None and not isinstance(mod, (nn.Identity, nn.Dropout)):
             raise unsupported(f"{name} is {type(mod).__name__}")
+    pe = model.patch_embed
+    pe_norm = getattr(pe, "norm", None)
+    if pe_norm is not None and not isinstance(pe_norm, nn.Identity):
+        raise unsupported(f"patch_embed.norm is {type(pe_norm).__name__}")
     blk0 = model.blocks[0]
     for blk in model.blocks:
+        kind = type(blk).__name__
+        if "Post" in kind or "Parallel" in kind:  # same parameter names as Block, other maths
+            raise unsupported(f"{kind} blocks; only pre-norm blocks x + attn(norm1(x)) convert")
         for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
             mod = getattr(blk, name, None)
             if mod is not None and not isinstance(mod, nn.Identity) and "DropPath" not in type(mod).__name__:
@@ -110,13 +122,15 @@ def _vit_from_timm(cls, model, attention: str) -> ViT:
             mod = getattr(blk.attn, name, None)
             if mod is not None and not isinstance(mod, nn.Identity):
                 raise unsupported(f"attn.{name} is {type(mod).__name__}")
-    pe = model.patch_embed
     dim = model.pos_embed.shape[-1]
     head = model.head
     num_classes = head.out_features if isinstance(head, nn.Linear) else 0
     ours = cls(image_size=tuple(pe.img_size), patch_size=tuple(pe.patch_size), in_channels=pe.proj.in_channels,
                num_classes=num_classes, dim=dim, depth=len(model.blocks), heads=blk0.attn.num_heads,
                mlp_ratio=blk0.mlp.fc1.out_features / dim, qkv_bias=blk0.attn.qkv.bias is not None,
+               dropout=_dropout_p(getattr(blk0.attn, "proj_drop", None)),
+               attn_dropout=_dropout_p(getattr(blk0.attn, "attn_drop", None)),
+               emb_dropout=_dropout_p(getattr(model, "pos_drop", None)),
                layer_norm_eps=model.norm.eps, attention=attention)
     sd = {"cls_token": model.cls_token, "pos_embed": model.pos_embed}
     for key, value in pe.proj.state_dict().items():
