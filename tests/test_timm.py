@@ -87,6 +87,37 @@ def test_patch_passes_strided_views_and_falls_back_on_masks(monkeypatch):
     assert "forward" not in model.blocks[0].__dict__
 
 
+
+class BeitLikeAttention(TimmLikeAttention):
+    """BEiT/EVA-style: the q/v biases are parameters of the attention module, added outside the qkv Linear."""
+
+    def __init__(self, dim, num_heads=2):
+        super().__init__(dim, num_heads, qkv_bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x, attn_mask=None):
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = nn.functional.linear(x, self.qkv.weight, bias)
+        B, N, C = x.shape
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_patch_leaves_attention_with_its_own_parameters_alone():
+    """Modules that look like timm's Attention but hold parameters of their own (BEiT's q/v bias, relative
+    position tables) would lose them in the fused forward: they are not patched."""
+    model = TinyViTLike(depth=2)
+    model.blocks[0] = BeitLikeAttention(16)
+    x = torch.randn(2, 5, 16)
+    want = model(x)
+    patch_timm_vit(model)
+    assert "forward" not in model.blocks[0].__dict__ and "forward" in model.blocks[1].__dict__
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no timm Attention"):
+        patch_timm_vit(BeitLikeAttention(16))
+
 def test_patch_compiles_without_graph_breaks():
     torch._dynamo.reset()
     model = patch_timm_vit(TinyViTLike(depth=1))

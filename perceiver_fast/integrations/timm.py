@@ -3,7 +3,7 @@
 ``patch_timm_vit(model, attention="fused")`` replaces the forward of every
 timm ``Attention``-like module (attributes ``qkv`` (Linear dim -> 3*H*D),
 ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``, ``attn_drop``,
-``proj``, ``proj_drop``, optionally ``norm``) with the fused self-attention:
+``proj``, ``proj_drop``, optionally ``norm``; no parameters of its own) with the fused self-attention:
 the qkv output is viewed as (B, N, 3, H, D) and its strided q/k/v views go
 straight to :func:`perceiver_fast.ops.attention.self_attention` (no permute,
 no copy). Weights and state_dict are untouched. Calls with an ``attn_mask``
@@ -24,7 +24,10 @@ _ORIG = "_perceiver_fast_original_forward"
 
 
 def is_timm_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in _ATTRS) and isinstance(getattr(module, "qkv"), nn.Linear)
+    """timm's Attention structure, holding no parameters of its own: look-alikes that do (BEiT/EVA's q/v
+    biases outside the qkv Linear, relative position tables) use them in a forward this patch would replace."""
+    return (all(hasattr(module, a) for a in _ATTRS) and isinstance(getattr(module, "qkv"), nn.Linear)
+            and next(module.parameters(recurse=False), None) is None)
 
 
 def _fast_forward(self, x: torch.Tensor, attn_mask=None, **kwargs):
