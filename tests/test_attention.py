@@ -374,6 +374,24 @@ def test_bad_input_errors(case):
     assert text in str(info.value), str(info.value)
 
 
+
+def test_bad_input_errors_name_the_shapes():
+    """The spec asks every bad-input error to name the tensor and the shapes."""
+    q, k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 6)
+    cases = [
+        ((q, k, v.half()), {}, "v (2, 5, 1, 6)"),
+        ((q.double(), k, v), {}, "q (2, 3, 1, 4)"),
+        ((q, k, v), {"key_padding_mask": torch.ones(2, 5)}, "key_padding_mask (2, 5)"),
+        ((q, torch.randn(2, 5, 1, 4, device="meta"), v), {}, "k (2, 5, 1, 4)"),
+        (tuple(t.to("meta") for t in (q, k, v)), {"key_padding_mask": torch.ones(2, 5, dtype=torch.bool)},
+         "key_padding_mask (2, 5)"),
+        ((torch.randn(1, 2, 1, 4097), torch.randn(1, 2, 1, 4097), torch.randn(1, 2, 1, 3)), {}, "q (1, 2, 1, 4097)"),
+    ]
+    for args, kw, text in cases:
+        with pytest.raises((TypeError, ValueError)) as info:
+            A.cross_attention(*args, **kw)
+        assert text in str(info.value), str(info.value)
+
 def test_mixed_devices_error_names_devices():
     q = torch.randn(1, 2, 1, 4)
     k = torch.randn(1, 3, 1, 4, device="meta")

@@ -67,11 +67,14 @@ def _check_common(op: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) ->
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D (batch, seq, heads, head_dim), got shape {_shape(t)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32")
+            raise TypeError(f"{op}: {name} {_shape(t)} has dtype {t.dtype}; supported are float16, bfloat16 and "
+                            f"float32")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{op}: q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise TypeError(f"{op}: q, k and v must share a dtype, got q {_shape(q)} {q.dtype}, k {_shape(k)} {k.dtype}, "
+                        f"v {_shape(v)} {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+        raise ValueError(f"{op}: q, k and v must be on one device, got q {_shape(q)} on {q.device}, "
+                         f"k {_shape(k)} on {k.device}, v {_shape(v)} on {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[-1] > 0 and t.stride(-1) != 1 and t.numel() > 0:
             raise ValueError(
@@ -95,17 +98,20 @@ def _check_cross(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropou
         )
     for name, d in (("Dqk", Dqk), ("Dv", v.shape[3])):
         if d < 1 or d > MAX_HEAD_DIM_CROSS:
-            raise ValueError(f"{op}: head dim {name}={d} is outside the supported range [1, {MAX_HEAD_DIM_CROSS}]")
+            raise ValueError(f"{op}: head dim {name}={d} (q {_shape(q)}, k {_shape(k)}, v {_shape(v)}) is outside "
+                             f"the supported range [1, {MAX_HEAD_DIM_CROSS}]")
     if H < 1:
         raise ValueError(f"{op}: need at least one head, got k {_shape(k)}")
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise TypeError(f"{op}: key_padding_mask must be a bool tensor (True = attend), got {got}")
+            got = f"{_shape(mask)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"{op}: key_padding_mask must be a bool tensor (True = attend) of shape (B, M) = "
+                            f"({B}, {M}) from k {_shape(k)}, got key_padding_mask {got}")
         if mask.shape != (B, M):
             raise ValueError(f"{op}: key_padding_mask has shape {_shape(mask)}, expected (B, M) = ({B}, {M}) from k {_shape(k)}")
         if mask.device != k.device:
-            raise ValueError(f"{op}: key_padding_mask is on {mask.device} but k is on {k.device}")
+            raise ValueError(f"{op}: key_padding_mask is on {mask.device} but k is on {k.device} "
+                             f"(key_padding_mask {_shape(mask)}, k {_shape(k)})")
 
 
 def _check_self(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
