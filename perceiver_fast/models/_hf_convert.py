@@ -36,6 +36,21 @@ def _self_layer(sd: dict, prefix: str, layer) -> None:
     _copy_linear(sd, prefix + ".mlp.fc2", layer.mlp.dense2)
 
 
+def config_kwargs(config) -> dict:
+    """PerceiverIO keyword arguments for what a transformers ``PerceiverConfig`` says about the architecture."""
+    return dict(
+        image_size=config.image_size, num_classes=config.num_labels, num_latents=config.num_latents,
+        latent_dim=config.d_latents, num_blocks=config.num_blocks,
+        num_self_attends_per_block=config.num_self_attends_per_block,
+        self_heads=config.num_self_attention_heads, cross_heads=config.num_cross_attention_heads,
+        cross_widening_factor=config.cross_attention_widening_factor,
+        self_widening_factor=config.self_attention_widening_factor,
+        use_query_residual=config.use_query_residual,
+        qk_channels=config.qk_channels, v_channels=config.v_channels,
+        dropout=config.attention_probs_dropout_prob,
+    )
+
+
 def perceiver_io_from_hf(cls, hf_model, *, attention: str = "fused", fold="auto"):
     perceiver = getattr(hf_model, "perceiver", hf_model)
     config = perceiver.config
@@ -53,18 +68,10 @@ def perceiver_io_from_hf(cls, hf_model, *, attention: str = "fused", fold="auto"
     if prep.spatial_downsample not in (1, 4) or (prep.prep_type != "conv" and prep.spatial_downsample != 1):
         raise ValueError("only HF's image-classification preprocessors (no extra downsampling) are supported")
     kind = {"conv1x1": "learned", "pixels": "fourier", "conv": "conv"}[prep.prep_type]
-    image_size = config.image_size
     kwargs = dict(
-        image_size=image_size, in_channels=prep.in_channels, num_classes=config.num_labels, preprocessing=kind,
-        num_latents=config.num_latents, latent_dim=config.d_latents, num_blocks=config.num_blocks,
-        num_self_attends_per_block=config.num_self_attends_per_block,
-        self_heads=config.num_self_attention_heads, cross_heads=config.num_cross_attention_heads,
+        config_kwargs(config), in_channels=prep.in_channels, preprocessing=kind,
         decoder_heads=decoder.decoder.decoding_cross_attention.attention.self.num_heads,
-        cross_widening_factor=config.cross_attention_widening_factor,
-        self_widening_factor=config.self_attention_widening_factor,
-        use_query_residual=config.use_query_residual,
-        qk_channels=config.qk_channels, v_channels=config.v_channels,
-        dropout=config.attention_probs_dropout_prob, attention=attention, fold=fold,
+        attention=attention, fold=fold,
     )
     if kind == "learned":
         kwargs.update(prep_channels=prep.out_channels, pos_channels=prep.position_embeddings.output_size())

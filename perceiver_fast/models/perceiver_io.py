@@ -117,18 +117,10 @@ class PerceiverIO(nn.Module):
         attention_probs_dropout_prob, image_size, num_labels; the
         preprocessing's HF defaults (Fourier max_resolution 224 or 56) apply unless overridden.
         """
-        kwargs = dict(
-            PRESETS[preprocessing] if preprocessing in PRESETS else dict(preprocessing=preprocessing),
-            image_size=config.image_size, num_classes=config.num_labels, num_latents=config.num_latents,
-            latent_dim=config.d_latents, num_blocks=config.num_blocks,
-            num_self_attends_per_block=config.num_self_attends_per_block,
-            self_heads=config.num_self_attention_heads, cross_heads=config.num_cross_attention_heads,
-            cross_widening_factor=config.cross_attention_widening_factor,
-            self_widening_factor=config.self_attention_widening_factor,
-            use_query_residual=config.use_query_residual,
-            qk_channels=config.qk_channels, v_channels=config.v_channels,
-            dropout=config.attention_probs_dropout_prob,
-        )
+        from perceiver_fast.models._hf_convert import config_kwargs
+
+        kwargs = dict(PRESETS[preprocessing] if preprocessing in PRESETS else dict(preprocessing=preprocessing))
+        kwargs.update(config_kwargs(config))
         kwargs.update(overrides)
         return cls(**kwargs)
 
