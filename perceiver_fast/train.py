@@ -123,9 +123,11 @@ def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tens
 # models
 
 # Model keyword arguments for small images (digits: 8x8x1). "tiny" is for tests.
+# Digits, 60 epochs, seed 0, 2-core CPU (2026-11-20): vit 96.7% test accuracy (65 s of training),
+# perceiver-io 95.3% (72 s), perceiver 85.0% (the keras-style Perceiver learns slowest; patch_size 1: 54.9%).
 PRESETS: Dict[str, Dict[str, Dict]] = {
     "perceiver": {
-        "default": dict(patch_size=1, num_latents=16, latent_dim=64, cross_heads=1, self_heads=4, depth=2,
+        "default": dict(patch_size=2, num_latents=16, latent_dim=64, cross_heads=1, self_heads=4, depth=2,
                         num_iterations=2, mlp_ratio=2),
         "tiny": dict(patch_size=2, num_latents=4, latent_dim=16, cross_heads=1, self_heads=2, depth=1,
                      num_iterations=1, mlp_ratio=1),
