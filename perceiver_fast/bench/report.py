@@ -43,7 +43,7 @@ def format_table(result: Dict) -> str:
             lines.append(
                 f"{str(case)[:46]:<46} {str(r['direction'] or ''):<7} {str(r['backend'] or ''):<19} "
                 f"{_f(r['ms']):>9} {_f(r['speedup_vs_eager'], '{:.2f}'):>7} "
-                f"{_f(r['speedup_vs_best_sdpa'], '{:.2f}'):>7} {_f(r['tflops'], '{:.0f}'):>7} "
+                f"{_f(r['speedup_vs_best_sdpa'], '{:.2f}'):>7} {_f(r['tflops'], '{:.1f}'):>7} "
                 f"{_f(r['gbs'], '{:.0f}'):>6} {_f(r['images_per_s'], '{:.0f}'):>7} "
                 f"{_f(r['peak_mib'], '{:.0f}'):>8}  {note[:70]}")
     return "\n".join(lines)
