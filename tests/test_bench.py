@@ -122,3 +122,38 @@ def test_writers_produce_parseable_csv_json_and_png(tmp_path):
     with open(paths["plot_sweep"], "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "not evaluated" in open(paths["targets"]).read()
+
+
+def test_full_gpu_plan_without_a_gpu():
+    """The job list a full H200 run would execute (built, not run): every section, full sizes, bf16."""
+    from perceiver_fast.bench.runner import build_jobs
+
+    opts = BenchOptions(device="cuda").resolved()
+    assert (opts.dtype, opts.small, opts.compile_fourier, opts.compile_attention) == ("bfloat16", False, True, False)
+    jobs = build_jobs(opts)
+    count = {}
+    for j in jobs:
+        count[j.section] = count.get(j.section, 0) + 1
+    n_attn_backends = 6  # eager, 4 SDPA backends, fused
+    assert count == {"ceiling": 2, "op": len(S.ATTN_SHAPES) * n_attn_backends + 3, "layer": 3 * 3,
+                     "model": 3 * 3 + 4, "sweep": len(S.SWEEP_M) * n_attn_backends}
+    order = [j.section for j in jobs]
+    assert order.index("model") < order.index("sweep")  # a budget cut drops the sweep first
+
+
+def test_memory_guard_skips_what_would_not_fit(monkeypatch):
+    from perceiver_fast.bench import runner
+
+    monkeypatch.setattr(runner, "free_bytes", lambda device: 8 * 2**30)
+    big = S.SWEEP_BASE.replace(M=200704)  # ~9.2 GiB of scores for eager in bf16
+    assert "skipped: needs" in runner._memory_guard(big, "eager", "bfloat16", False, "cuda")
+    assert runner._memory_guard(big, "fused", "bfloat16", False, "cuda") is None
+    assert runner._memory_guard(S.SWEEP_BASE.replace(M=1024), "sdpa-math", "bfloat16", True, "cuda") is None
+
+
+def test_budget_cut_records_skips_and_still_writes(tmp_path):
+    res = run(BenchOptions(device="cpu", ops=["keras"], models=[], budget_s=-1.0, progress=False),
+              log=lambda *_: None)
+    assert res["rows"] and all(r["status"] == "SKIP" and "time budget" in r["reason"] for r in res["rows"])
+    paths = write_all(res, str(tmp_path))
+    assert len(list(csv.DictReader(open(paths["csv"])))) == len(res["rows"])
