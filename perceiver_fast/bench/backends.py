@@ -6,7 +6,7 @@ Each backend is a callable taking the tensors built by :func:`attn_inputs`
 same float64 reference.
 
 * ``eager``: :func:`perceiver_fast.ops.reference.attention_reference`
-  (matmul, float32 softmax, matmul) / ``fourier_encode_reference``;
+  (matmul, softmax, matmul, all in the input dtype) / ``fourier_encode_reference``;
 * ``compile``: ``torch.compile`` of the same eager function;
 * ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``:
   ``F.scaled_dot_product_attention`` pinned to one backend with

@@ -85,14 +85,11 @@ class AttnShape:
     def eager_extra_bytes(self, dtype: str = "bfloat16", backward: bool = False) -> int:
         """Rough peak extra memory of the eager recipe (attention_reference).
 
-        Per score element: the scores in ``dtype``, their float32 copy, the
-        float32 softmax and (below float32) the probabilities cast back, i.e.
-        12 bytes in bf16; the backward keeps about twice that alive. Used to skip shapes that would
-        not fit, before trying them.
+        Per score element: the scores and their softmax, both in ``dtype``,
+        i.e. 4 bytes in bf16; the backward keeps about twice that alive. Used
+        to skip shapes that would not fit, before trying them.
         """
-        e = DTYPE_BYTES[dtype]
-        per = 2 * e + 4 + (4 if e < 4 else 0)
-        return self.score_elems() * per * (2 if backward else 1)
+        return self.score_elems() * 2 * DTYPE_BYTES[dtype] * (2 if backward else 1)
 
     def floor_ms(self, dtype: str = "bfloat16", backward: bool = False, ceilings=H200_CEILINGS) -> float:
         return floor_ms(self.flops(backward), self.bytes(dtype, backward), dtype, ceilings)
