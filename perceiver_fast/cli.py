@@ -28,6 +28,40 @@ def _split(value: Optional[str]) -> Optional[List[str]]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def resolve_device(arg: Optional[str]) -> str:
+    """--device: 'cpu', 'cuda' or 'cuda:N' (default: cuda when torch sees a GPU). Raises UsageError for a
+    device string torch does not parse, another device type, or a CUDA device that is not there."""
+    import torch
+
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {arg!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {arg!r}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {arg} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {arg}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
+def prepare_out_dir(path: str, flag: str = "--out") -> str:
+    """Creates the output folder up front (not after minutes of work); UsageError if it cannot."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r}: cannot create the folder: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: the folder is not writable")
+    return path
+
+
 def _no_accidental_interpreter(keep: bool) -> Optional[str]:
     """Without a GPU, TRITON_INTERPRET=1 (set by the test suite, or left in a shell) would run the
     Triton kernels in the slow interpreter. Unless asked to keep it, drop it before the kernels are
@@ -123,15 +157,21 @@ def _bench(args) -> int:
     for m in models or []:
         if m not in known_models:
             raise UsageError(f"unknown model case {m!r}; known: {', '.join(known_models)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+    device = resolve_device(args.device)
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(device)  # GPU name, free memory and synchronize follow the current device
 
     from perceiver_fast.bench.report import format_table, targets_markdown, write_all
-    from perceiver_fast.bench.runner import BenchOptions, run
+    from perceiver_fast.bench.runner import BenchOptions, known_backends, run
+
+    backends = _split(args.backends)
+    for b in backends or []:
+        if b not in known_backends():
+            raise UsageError(f"unknown backend {b!r}; known: {', '.join(known_backends())}")
+    prepare_out_dir(args.out)
 
     opts = BenchOptions(device=device, dtype=args.dtype, quick=args.quick, ops=ops, models=models,
-                        backends=_split(args.backends), backward=not args.no_backward, compile=args.compile,
+                        backends=backends, backward=not args.no_backward, compile=args.compile,
                         budget_s=args.budget_s, progress=not args.no_progress)
     result = run(opts)
     paths = write_all(result, args.out)

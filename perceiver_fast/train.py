@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from perceiver_fast.cli import UsageError
+from perceiver_fast.cli import UsageError, prepare_out_dir, resolve_device
 
 MODELS = ("perceiver", "perceiver-io", "vit")
 
@@ -75,9 +75,9 @@ def load_arrays(dataset: str) -> Tuple[np.ndarray, np.ndarray, str]:
         raise
     except Exception as e:
         raise UsageError(f"cannot read {path} as .npz: {type(e).__name__}: {e}") from None
-    if x.ndim != 4 or x.dtype != np.uint8:
-        raise UsageError(f"x must be an N x H x W x C uint8 array; {path} has x of shape {tuple(x.shape)} "
-                         f"and dtype {x.dtype}")
+    if x.ndim != 4 or x.dtype != np.uint8 or 0 in x.shape[1:]:
+        raise UsageError(f"x must be an N x H x W x C uint8 array with H, W, C >= 1; {path} has x of shape "
+                         f"{tuple(x.shape)} and dtype {x.dtype}")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
         raise UsageError(f"y must be N integer labels matching x (N = {x.shape[0]}); {path} has y of shape "
                          f"{tuple(y.shape)} and dtype {y.dtype}")
@@ -161,8 +161,10 @@ def build_model(model: str, image_shape, num_classes: int, attention: str, size:
     kw.update(image_size=(H, W), in_channels=C, num_classes=num_classes, attention=attention)
     try:
         net = cls(**kw)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"cannot build {model} for images of shape {tuple(image_shape)}: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. no memory for a huge class count
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot build {model} for images of shape {tuple(image_shape)} and {num_classes} "
+                         f"classes: {reason}") from None
     kw["image_size"] = [H, W]
     return net, kw
 
@@ -400,5 +402,14 @@ def train_from_args(args: argparse.Namespace) -> Dict:
         raise UsageError("--epochs and --batch-size must be >= 1")
     if not 0 < args.test_fraction < 1:
         raise UsageError("--test-fraction must be between 0 and 1")
+    if not args.lr > 0 or not args.weight_decay >= 0:
+        raise UsageError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}")
+    for flag in ("max_steps", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.device is not None:
+        args.device = resolve_device(args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_out_dir(args.out)
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
     return train(cfg)

@@ -111,3 +111,34 @@ def test_train_cli_fused_on_cpu_writes_outputs(tmp_path):
 def test_no_command_is_a_usage_error():
     p = cli()
     assert p.returncode == 2 and "usage: perceiver-fast" in p.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("bench", "--device", "tpu"), "--device 'tpu' is not a device"),
+    (("bench", "--device", "meta"), "only cpu and cuda are supported"),
+    (("train", "--device", "nope:x"), "is not a device"),
+    (("bench", "--backends", "eager,nope"), "unknown backend 'nope'"),
+    (("bench", "--out", "{file}"), "exists and is not a folder"),
+    (("train", "--out", "{file}"), "exists and is not a folder"),
+    (("train", "--lr", "-1"), "--lr must be > 0"),
+    (("train", "--limit", "0"), "--limit must be >= 1"),
+    (("train", "--max-steps", "0"), "--max-steps must be >= 1"),
+])
+def test_more_user_errors_in_process(tmp_path, capsys, args, message):
+    """Bad --device/--backends/--out and numbers: one line and status 2, before any work (was a traceback)."""
+    from perceiver_fast.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main([a.format(file=afile) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("command", ["bench", "train"])
+def test_cuda_device_without_gpu_is_a_usage_error(capsys, command):
+    from perceiver_fast.cli import main
+
+    assert main([command, "--device", "cuda"]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err

@@ -95,3 +95,17 @@ def test_ddp_under_torchrun_two_cpu_processes(tmp_path):
     assert m["world_size"] == 2
     # 96 training images, 2 ranks, batch 16: 3 steps per rank per epoch
     assert m["history"][-1]["step"] == 6
+
+
+@pytest.mark.parametrize("shape", [(20, 8, 8, 0), (20, 0, 8, 1), (20, 8, 0, 1)])
+def test_npz_with_an_empty_image_axis_is_refused(tmp_path, shape):
+    p = tmp_path / "empty.npz"
+    np.savez(p, x=np.zeros(shape, np.uint8), y=np.arange(20) % 2)
+    with pytest.raises(UsageError, match=r"H, W, C >= 1.*\(20, "):
+        load_arrays(str(p))
+
+
+def test_model_that_cannot_be_built_is_a_usage_error():
+    # 10**12 classes: the classifier cannot be allocated (was a RuntimeError traceback)
+    with pytest.raises(UsageError, match="cannot build vit .* 1000000000000 classes"):
+        build_model("vit", (1, 8, 8), 10**12, "eager", "tiny")

@@ -313,6 +313,20 @@ def _wanted(name: str, selected: Optional[List[str]]) -> bool:
     return selected is None or name in selected
 
 
+def known_backends() -> List[str]:
+    """Every name --backends accepts: the op backends, and the model/layer implementations in full
+    (``hf:eager``) or by their prefix (``hf``)."""
+    from .layers import LAYER_IMPLS
+    from .models import PIO_IMPLS, VIT_IMPLS
+
+    names = list(ATTN_BACKENDS) + [b for b in FOURIER_BACKENDS if b not in ATTN_BACKENDS]
+    for impl in PIO_IMPLS + VIT_IMPLS + LAYER_IMPLS:
+        for n in (impl, impl.split(":")[0]):
+            if n not in names:
+                names.append(n)
+    return names
+
+
 def _attn_backends(opts: BenchOptions, with_compile: bool) -> List[str]:
     out = []
     for b in ATTN_BACKENDS:
