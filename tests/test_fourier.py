@@ -249,6 +249,8 @@ def test_bad_inputs():
         fourier_encode(torch.zeros(2, 4, 4, 3), 4, max_resolution=(4,))
     with pytest.raises(ValueError, match="num_bands must be >= 1"):
         fourier_encode(torch.zeros(2, 4, 4, 3), 0)
+    with pytest.raises(ValueError, match=r"inputs of shape \(2, 0, 4, 3\) have an empty index dim"):
+        fourier_encode(torch.zeros(2, 0, 4, 3), 4)
     pe = FourierPositionEncoding((4, 4), 2)
     with pytest.raises(ValueError, match=r"do not match index_dims \(4, 4\)"):
         pe(torch.zeros(2, 4, 5, 3))
@@ -278,6 +280,15 @@ def test_op_validates_without_python_checks(args, match):
 def test_cuda_without_kernels_says_how_to_build(monkeypatch):
     with pytest.raises(RuntimeError, match="no CUDA kernels.*pip install --no-build-isolation -e ."):
         _extension.check_device("fourier_encode", torch.device("cuda"))
+
+
+@pytest.mark.skipif(HAS_CUDA and _extension.cuda_available(), reason="CUDA kernels are built here")
+def test_cuda_features_without_kernels_says_how_to_build():
+    # was torch's "Torch not compiled with CUDA enabled" AssertionError on a CPU-only torch
+    with pytest.raises(RuntimeError, match="no CUDA kernels.*pip install --no-build-isolation -e ."):
+        fourier_features((4, 4), 2, device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA kernels"):
+        FourierPositionEncoding((4, 4), 2).features(device="cuda")
 
 
 def test_missing_extension_message(monkeypatch):

@@ -63,7 +63,7 @@ class FourierPositionEncoding(nn.Module):
         The cached tensor is shared: do not modify it in place.
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type == "cuda" and device.index is None:
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
         key = (device, dtype)
         feats = self._cache.get(key)

@@ -106,8 +106,12 @@ def fourier_features(
 ) -> torch.Tensor:
     """Fourier features of a grid: (prod(index_dims), C). max_resolution defaults to index_dims."""
     index_dims, max_resolution = check_fourier_args(index_dims, num_bands, max_resolution)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported; the Fourier encoder supports float32, float64, float16 "
+                        f"and bfloat16")
+    # Before allocating: on a torch or a build without CUDA, say so (and how to build), not torch's own error.
+    _extension.check_device(_OP_NAME, torch.device("cpu") if device is None else torch.device(device))
     empty = torch.empty((1, math.prod(index_dims), 0), dtype=dtype, device=device)
-    _check_tensor(empty, "dtype/device")
     return encode_flat(empty, index_dims, num_bands, max_resolution, concat_pos, sine_only)[0]
 
 
@@ -130,6 +134,9 @@ def fourier_encode(
             f"inputs must be channels-last (batch, *index_dims, channels) with at least one index dim, "
             f"got shape {tuple(inputs.shape)}"
         )
+    if 0 in inputs.shape[1:-1]:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)} have an empty index dim; channels-last inputs "
+                         f"(batch, *index_dims, channels) need every index dim >= 1")
     index_dims, max_resolution = check_fourier_args(tuple(inputs.shape[1:-1]), num_bands, max_resolution)
     flat = inputs.reshape(inputs.shape[0], math.prod(index_dims), inputs.shape[-1])
     return encode_flat(flat, index_dims, num_bands, max_resolution, concat_pos, sine_only)
