@@ -360,6 +360,8 @@ CUDA_CASES = [
     ((1, 4, 6, 5, 1), 6, (8.0, 16.0, 16.0)),
     ((2, 7, 0), 3, None),
     ((2, 17, 13, 9), 1, None),
+    ((1, 1, 2), 3, None),  # B = P = 1
+    ((7, 160, 140, 1), 4, None),  # fp32: 700 position blocks x 3 batch chunks of 3, 3 and 1 (uneven last)
 ]
 
 
@@ -409,3 +411,18 @@ def test_cuda_gradients_opcheck_and_offset_storage():
     with torch.cuda.device(0):
         pe = FourierPositionEncoding((11,), 5)
         assert torch.equal(pe.features(device="cuda"), pe(x.new_zeros(1, 11, 0).float())[0])
+
+
+@requires_cuda
+def test_cuda_output_over_2_31_elements():
+    # 64-bit offsets: rows past element 2**31 of the output are written where they belong
+    P, C = 224 * 224, 2 + 2 * 2 * 64
+    B = 2**31 // (P * C) + 1
+    need = B * P * C * 2
+    if torch.cuda.mem_get_info()[0] < 1.5 * need:
+        pytest.skip(f"needs {1.5 * need / 2**30:.1f} GiB of free GPU memory")
+    out = fourier_encode(torch.empty(B, 224, 224, 0, device="cuda", dtype=torch.float16), 64)
+    assert out.numel() > 2**31 and out.shape == (B, P, C)
+    feats = fourier_features((224, 224), 64, dtype=torch.float16, device="cuda")
+    for b in (0, B // 2, B - 1):
+        assert torch.equal(out[b], feats), b
