@@ -96,6 +96,8 @@ def make_dataset(dataset: str, test_fraction: float = 0.2, seed: int = 0, limit:
     idx = rng.permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = idx[:n_test], idx[n_test:]
+    if len(train) == 0:
+        raise UsageError(f"{len(x)} examples with --test-fraction {test_fraction} leave none to train on")
     xf = x.astype(np.float32) / 255.0
     mean = xf[train].mean(axis=(0, 1, 2), keepdims=True)
     std = xf[train].std(axis=(0, 1, 2), keepdims=True) + 1e-6

@@ -123,6 +123,7 @@ def test_no_command_is_a_usage_error():
     (("train", "--lr", "-1"), "--lr must be > 0"),
     (("train", "--limit", "0"), "--limit must be >= 1"),
     (("train", "--max-steps", "0"), "--max-steps must be >= 1"),
+    (("train", "--limit", "10", "--test-fraction", "0.96"), "10 examples with --test-fraction 0.96 leave none"),
 ])
 def test_more_user_errors_in_process(tmp_path, capsys, args, message):
     """Bad --device/--backends/--out and numbers: one line and status 2, before any work (was a traceback)."""
