@@ -147,6 +147,21 @@ PRESETS: Dict[str, Dict[str, Dict]] = {
 }
 
 
+MAX_PATCH_TOKENS = 256
+
+
+def patch_size_for(H: int, W: int, preset: int) -> int:
+    """The presets are sized for 8x8 digits; a user's larger images get larger patches.
+
+    The smallest patch >= preset that tiles H x W exactly into at most
+    MAX_PATCH_TOKENS patches; failing that, the common divisor of H and W that
+    gives the fewest patches.
+    """
+    divisors = [p for p in range(1, math.gcd(H, W) + 1) if H % p == 0 and W % p == 0]
+    fits = [p for p in divisors if p >= preset and (H // p) * (W // p) <= MAX_PATCH_TOKENS]
+    return fits[0] if fits else divisors[-1]
+
+
 def build_model(model: str, image_shape, num_classes: int, attention: str, size: str = "default",
                 overrides: Optional[Dict] = None):
     """(nn.Module, keyword arguments to rebuild it). image_shape is (C, H, W); the model takes (B, C, H, W)."""
@@ -157,9 +172,8 @@ def build_model(model: str, image_shape, num_classes: int, attention: str, size:
     cls = {"perceiver": M.Perceiver, "perceiver-io": M.PerceiverIO, "vit": M.ViT}[model]
     C, H, W = image_shape
     kw = dict(PRESETS[model][size], **(overrides or {}))
-    patch = kw.get("patch_size")
-    if patch and (H % patch or W % patch):
-        kw["patch_size"] = 1
+    if kw.get("patch_size"):
+        kw["patch_size"] = patch_size_for(H, W, kw["patch_size"])
     kw.update(image_size=(H, W), in_channels=C, num_classes=num_classes, attention=attention)
     try:
         net = cls(**kw)

@@ -109,3 +109,21 @@ def test_model_that_cannot_be_built_is_a_usage_error():
     # 10**12 classes: the classifier cannot be allocated (was a RuntimeError traceback)
     with pytest.raises(UsageError, match="cannot build vit .* 1000000000000 classes"):
         build_model("vit", (1, 8, 8), 10**12, "eager", "tiny")
+
+
+@pytest.mark.parametrize("hw, preset, expected", [
+    ((8, 8), 2, 2),        # digits: the preset
+    ((224, 224), 2, 14),   # 16 x 16 = 256 patches, not 12,544
+    ((9, 9), 2, 3),        # 2 does not tile 9: the next divisor
+    ((7, 11), 2, 1),       # no common divisor but 1
+])
+def test_patch_size_scales_with_the_image(hw, preset, expected):
+    from perceiver_fast.train import MAX_PATCH_TOKENS, PRESETS, patch_size_for
+
+    p = patch_size_for(*hw, preset)
+    assert p == expected
+    assert hw[0] % p == 0 and hw[1] % p == 0
+    if expected > 1:
+        assert (hw[0] // p) * (hw[1] // p) <= MAX_PATCH_TOKENS
+    net, kw = build_model("vit", (3, *hw), 10, "eager", "tiny")
+    assert kw["patch_size"] == patch_size_for(*hw, PRESETS["vit"]["tiny"]["patch_size"])
