@@ -229,6 +229,64 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 1, 64, 100, 64, cpu) == 1  # too few keys to split
 
 
+# (BLOCK_DV, Dqk, Dv, splits): a 256 tile with a masked tail (261 = 256 + 5, 322 = 256 + 66),
+# and one 512 tile over all of Dv, with and without split-KV.
+WIDE_DV_CASES = [(256, 261, 261, 1), (256, 20, 322, 2), (512, 322, 322, 1), (512, 261, 261, 3)]
+
+
+@pytest.mark.parametrize("block_dv,dqk,dv,splits", WIDE_DV_CASES)
+def test_wide_value_tile_forward(block_dv, dqk, dv, splits, monkeypatch):
+    """The wide BLOCK_DV forward configs (perf-notes A1) against float64, whatever config autotune picks.
+
+    The interpreter normally runs a single 64-wide value tile; here the forward's only
+    config is a 256/512-wide one, so one program reuses its score tile across Dv.
+    """
+    from perceiver_fast.ops import attention_kernels as AK
+
+    cfg = triton_config(BLOCK_N=16, BLOCK_M=16, BLOCK_D=64, BLOCK_DV=block_dv, num_warps=8)
+    monkeypatch.setattr(AK._attn_fwd_kernel, "configs", [cfg])
+    monkeypatch.setattr(AK._attn_fwd_kernel, "cache", {})
+    A._BACKEND = "triton"
+    A._NUM_SPLITS = splits
+    q, k, v = _inputs(1, 2, 18, 40, 2, dqk, dv)
+    mask = _mask(2, 40)
+    with torch.no_grad():
+        out = A.cross_attention(q, k, v, key_padding_mask=mask)
+    best = getattr(AK._attn_fwd_kernel, "best_config", None)
+    if best is not None:
+        assert best.kwargs["BLOCK_DV"] == block_dv
+    ref = attention_reference(*(t.detach().double() for t in (q, k, v)), key_padding_mask=mask)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def triton_config(num_warps=4, **kwargs):
+    import triton
+
+    return triton.Config(kwargs, num_warps=num_warps)
+
+
+def test_wide_value_tiles_pruned_by_dv_bucket(monkeypatch):
+    """_prune_fwd_configs: BLOCK_DV 256/512 only where the Dv bucket is that wide; narrow configs always kept."""
+    from perceiver_fast.ops import attention_kernels as AK
+
+    monkeypatch.setattr(AK, "INTERPRET", False)
+    configs = AK._fwd_configs()  # the GPU list
+    narrow = [c for c in configs if c.kwargs["BLOCK_DV"] <= 128]
+    assert {c.kwargs["BLOCK_DV"] for c in configs} >= {256, 512}
+
+    def widths(dv):
+        kept = AK._prune_fwd_configs(configs, {"DV_BUCKET": AK._bucket(dv), "DQK_BUCKET": AK._bucket(dv)})
+        assert all(c in kept for c in narrow)
+        return {c.kwargs["BLOCK_DV"] for c in kept}
+
+    assert max(widths(64)) == 128 and max(widths(128)) == 128
+    assert max(widths(256)) == 256
+    for dv in (261, 322, 512):
+        assert {256, 512} <= widths(dv)
+    assert AK._prune_fwd_configs(configs, {}) == configs  # no bucket given: nothing pruned
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_fallback_many_chunks(backend):
     """The fallback's online softmax across several key chunks (chunk 8, M 37)."""

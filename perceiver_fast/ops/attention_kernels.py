@@ -54,7 +54,35 @@ def _fwd_configs():
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DV": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DV": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 32, "BLOCK_D": 64, "BLOCK_DV": 128}, num_warps=8, num_stages=2),
+        # Wide value tiles (perf-notes A1): one program covers half or all of a
+        # Dv up to 512, so the score tile is computed once per 256/512 value
+        # columns instead of once per 64/128. 8 warps keep the fp32 accumulator
+        # (64 x 512 / 256 threads = 128 registers per thread) without spills on
+        # sm_90; tests/test_attention_compile.py checks shared memory and spills.
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DV": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_D": 64, "BLOCK_DV": 512}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DV": 512}, num_warps=8, num_stages=2),
     ]
+
+
+# Value tiles up to this width are tried for every Dv; wider ones only where
+# the Dv bucket (next power of two of Dv) is at least as wide.
+_NARROW_DV = 128
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` of the forward: drop wide value tiles wider than the Dv bucket.
+
+    A BLOCK_DV of 256 or 512 only pays when Dv needs it (D256 keras, D261, D322, D512);
+    for D64/D128 it would be all masked columns and autotune time. The configs of
+    BLOCK_DV <= 128 are always kept. Signature as triton's autotuner calls it:
+    (configs, named_args, **kwargs), with the kernel's positional args in named_args.
+    """
+    dv_bucket = named_args.get("DV_BUCKET", kwargs.get("DV_BUCKET"))
+    if dv_bucket is None:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_DV"] <= max(_NARROW_DV, int(dv_bucket))]
+    return kept or configs
 
 
 def _bwd_configs():
@@ -170,7 +198,8 @@ def _fwd_inner(acc, m_i, l_i, q_base, k_base, v_base, mask_base, seed, bh,
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
-@triton.autotune(configs=_fwd_configs(), key=["DQK_BUCKET", "DV_BUCKET", "SPLIT"])
+@triton.autotune(configs=_fwd_configs(), key=["DQK_BUCKET", "DV_BUCKET", "SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse, seed,
