@@ -287,6 +287,81 @@ def test_wide_value_tiles_pruned_by_dv_bucket(monkeypatch):
     assert AK._prune_fwd_configs(configs, {}) == configs  # no bucket given: nothing pruned
 
 
+# (BLOCK_DT, BLOCK_D, Bq, B, N, M, H, Dqk, Dv, masked, dropout_p): column tiles of 256 with masked
+# tails (261 = 256 + 5, 322 = 256 + 66) and reduction chunks of 64 or 32 (BLOCK_D != BLOCK_DT), a
+# Dqk narrower than one tile (the dK half of tile 1 skipped), one 512 tile over all of Dqk and Dv,
+# a batch-shared q, a mask whose batch 0 has every key masked, and dropout.
+WIDE_BWD_CASES = [
+    (256, 64, 1, 2, 5, 20, 1, 261, 261, True, 0.0),
+    (256, 32, 2, 2, 18, 7, 2, 322, 322, True, 0.0),
+    (256, 64, 2, 2, 6, 9, 1, 20, 322, False, 0.0),
+    (512, 64, 1, 2, 5, 7, 1, 322, 261, False, 0.0),
+    (256, 64, 1, 2, 9, 20, 1, 261, 322, True, 0.3),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_BWD_CASES,
+                         ids=lambda c: "BT{}BD{}-Bq{}B{}N{}M{}H{}Dqk{}Dv{}{}-p{}".format(*c[:9], "mask" * c[9], c[10]))
+def test_wide_column_tile_backward(case, monkeypatch):
+    """The wide backward configs (perf-notes B1) against float64 attention_reference, all gradients.
+
+    The interpreter normally runs one 64-wide column tile per program; here both backward
+    kernels' only config has a BLOCK_DT-wide column tile, so one program covers 256/512
+    columns of dK and dV (or dQ) while the scores and dP are still summed in BLOCK_D chunks.
+    For dropout the reference applies the kernels' own keep-mask (in place of torch's dropout).
+    """
+    from perceiver_fast.ops import attention_kernels as AK
+
+    block_dt, block_d, Bq, B, N, M, H, Dqk, Dv, masked, p = case
+    cfg = triton_config(BLOCK_N=16, BLOCK_M=16, BLOCK_D=block_d, BLOCK_DT=block_dt, num_warps=8)
+    for kernel in (AK._attn_bwd_dkdv_kernel, AK._attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        monkeypatch.setattr(kernel, "cache", {})
+    A._BACKEND = "triton"
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv)
+    mask = _mask(B, M) if masked else None
+    grad = torch.randn(B, N, H, Dv, device=q.device)
+    torch.manual_seed(5)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    for kernel in (AK._attn_bwd_dkdv_kernel, AK._attn_bwd_dq_kernel):
+        best = getattr(kernel, "best_config", None)
+        if best is not None:
+            assert best.kwargs["BLOCK_DT"] == block_dt and best.kwargs["BLOCK_D"] == block_d
+    if p > 0.0:
+        torch.manual_seed(5)
+        keep = _keep_mask("triton", int(A._draw_seed(p).item()), B, H, N, M, p, q.device)
+        monkeypatch.setattr(torch.nn.functional, "dropout", lambda probs, p: probs * keep / (1 - p))
+    ref = _reference([q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
+    if masked:  # batch 0 has every key masked: zero output, zero dK and dV
+        assert (ours[0][0] == 0).all() and (ours[2][0] == 0).all() and (ours[3][0] == 0).all()
+
+
+def test_wide_column_tiles_pruned_by_head_dim_bucket(monkeypatch):
+    """_prune_bwd_configs: BLOCK_DT 256 only where a tiled head dim's bucket is that wide; narrow configs kept."""
+    import functools
+
+    from perceiver_fast.ops import attention_kernels as AK
+
+    monkeypatch.setattr(AK, "INTERPRET", False)
+    configs = AK._bwd_configs()  # the GPU list
+    narrow = [c for c in configs if c.kwargs["BLOCK_DT"] <= 128]
+    assert {c.kwargs["BLOCK_DT"] for c in configs} >= {256, 512}
+    dq_prune = functools.partial(AK._prune_bwd_configs, dims=("DQK_BUCKET",))
+
+    def widths(dqk, dv, prune=AK._prune_bwd_configs):
+        kept = prune(configs, {"DQK_BUCKET": AK._bucket(dqk), "DV_BUCKET": AK._bucket(dv)})
+        assert all(c in kept for c in narrow)
+        return {c.kwargs["BLOCK_DT"] for c in kept}
+
+    assert max(widths(64, 64)) == 128 and max(widths(128, 128)) == 128
+    assert max(widths(256, 256)) == 256 and max(widths(256, 256, dq_prune)) == 256
+    for d in (261, 322, 512):
+        assert {256, 512} <= widths(d, d) and {256, 512} <= widths(d, d, dq_prune)
+    assert 256 in widths(20, 322) and max(widths(20, 322, dq_prune)) == 128  # dQ has only Dqk columns
+    assert AK._prune_bwd_configs(configs, {}) == configs  # no bucket given: nothing pruned
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_fallback_many_chunks(backend):
     """The fallback's online softmax across several key chunks (chunk 8, M 37)."""

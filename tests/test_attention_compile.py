@@ -13,7 +13,10 @@ compiled as the GPU would specialise them for the shapes they are kept for by
 dims divisible by 16, as for D256/D512; unaligned: row strides 261/322). Their
 registers and spills come from ``ptxas -v`` on the kernel's PTX (the compiled
 kernel's n_regs/n_spills are only filled in when it is loaded on a device) and
-must show no spills. Run with ``-s`` to see the table.
+must show no spills. So must the wide backward configs (column tiles of
+BLOCK_DT 128/256/512 wider than the BLOCK_D reduction chunk, perf-notes B1),
+both kernels, for aligned D512 and unaligned D261/D322 in bf16. Run with
+``-s`` to see the table.
 """
 from __future__ import annotations
 
@@ -111,6 +114,39 @@ for cfg in wide:  # fp32 inputs may autotune them too: shared memory only (the a
     consts = dict(HAS_MASK=False, DROPOUT=False, SPLIT=True, PRECISION="tf32", **cfg.kwargs)
     build(AK._attn_fwd_kernel, types, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
           f"fwd fp32 tf32 unaligned {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", usage=True)
+# Backward wide column tiles (BLOCK_DT > BLOCK_D or > 128, perf-notes B1), both kernels, specialised
+# as for the shapes that keep them after _prune_bwd_configs (bf16, no mask, no dropout).
+BWD_SHAPES = (("pio-learned D512", 512, True), ("pio-fourier D261 stride 261", 261, False),
+              ("pio-conv D322 M3136", 322, False))
+bwd_wide = [c for c in AK._bwd_configs() if c.kwargs["BLOCK_DT"] > AK._NARROW_DV
+            or c.kwargs["BLOCK_DT"] != c.kwargs["BLOCK_D"]]
+assert bwd_wide, "no wide backward configs"
+done = {}
+for name, d, aligned in BWD_SHAPES:
+    buckets = {"DQK_BUCKET": AK._bucket(d), "DV_BUCKET": AK._bucket(d)}
+    kept = AK._prune_bwd_configs(AK._bwd_configs(), buckets)
+    assert AK._prune_bwd_configs(AK._bwd_configs(), buckets, dims=("DQK_BUCKET",)) == kept  # Dqk == Dv here
+    for cfg in kept:
+        if cfg not in bwd_wide:
+            continue
+        for kernel in (AK._attn_bwd_dkdv_kernel, AK._attn_bwd_dq_kernel):
+            fn = kernel.fn
+            key = (str(cfg), fn.__name__, aligned)
+            if key in done:
+                out[done[key]][0] += " + " + name
+                continue
+            attrs = [n for n in fn.arg_names
+                     if n in ("Q", "K", "V", "Mask", "DO", "Lse", "Delta", "DK", "DV", "DQ", "N", "M")]
+            if aligned:
+                attrs += [n for n in fn.arg_names if n.startswith("stride") and n != "stride_maskb"] + ["Dqk", "Dv"]
+            types = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DK", "DV", "DQ")}
+            types.update({"Mask": "*u8", "Lse": "*fp32", "Delta": "*fp32", "seed": "i64", "scale": "fp32",
+                          "scale_log2": "fp32", "dropout_p": "fp32"})
+            consts = dict(HAS_MASK=False, DROPOUT=False, PRECISION="ieee", **cfg.kwargs)
+            done[key] = len(out)
+            build(kernel, types, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                  f"{fn.__name__} bf16 {'aligned' if aligned else 'unaligned'} {cfg.kwargs} w{cfg.num_warps} "
+                  f"s{cfg.num_stages}: {name}", attrs=attrs, usage=True, kind="wide-bwd")
 cfg = AK._bwd_configs()[0]
 for dt in ("fp16", "bf16"):
     types = {n: "*" + dt for n in ("Q", "K", "V", "DO", "DK", "DV", "DQ")}
@@ -161,6 +197,8 @@ def test_kernels_compile_for_sm90():
         assert shared <= SMEM_LIMIT, f"{label}: {shared} bytes of shared memory"
     wide = [r for r in results if r[4] == "wide"]
     assert len(wide) >= 4, wide
-    for label, shared, regs, spills, _ in wide:
+    bwd_wide = [r for r in results if r[4] == "wide-bwd"]
+    assert len(bwd_wide) >= 8, bwd_wide  # 2 kernels x aligned/unaligned, at least 2 configs
+    for label, shared, regs, spills, _ in wide + bwd_wide:
         assert regs is not None, f"{label}: no ptxas -v register count"
         assert spills == 0, f"{label}: {spills} bytes of register spills (stores + loads), {regs} registers"

@@ -23,6 +23,7 @@ All pointer offsets are int64.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Tuple
@@ -86,14 +87,44 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 
 
 def _bwd_configs():
+    # BLOCK_DT is the width of the column tile of dK/dV (dK/dV kernel) or dQ (dQ kernel)
+    # that one program owns; BLOCK_D is the chunk width of the score and dP reductions
+    # (_qk_tile). The narrow configs use the same width for both, as before.
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 64}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 64, "BLOCK_DT": 64}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 32, "BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DT": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DT": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_D": 128, "BLOCK_DT": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 64, "BLOCK_DT": 64}, num_warps=4, num_stages=3),
+        # Wide column tiles (perf-notes B1): each program recomputes the whole score
+        # tile S (over all of Dqk) and dP (over all of Dv), so fewer, wider column
+        # tiles cut that repeated work; the reductions stay in 32/64-wide chunks (BLOCK_D).
+        # tests/test_attention_compile.py checks shared memory and spills on sm_90:
+        # these four are spill-free in both kernels for aligned (D512) and unaligned
+        # (D261/D322) head dims; wider BLOCK_N/BLOCK_M at 256+ columns spill when unaligned.
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 32, "BLOCK_DT": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DT": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_D": 64, "BLOCK_DT": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_DT": 512}, num_warps=8, num_stages=2),
     ]
+
+
+def _prune_bwd_configs(configs, named_args, dims=("DQK_BUCKET", "DV_BUCKET"), **kwargs):
+    """``early_config_prune`` of the backward kernels: drop column tiles wider than the head dims need.
+
+    A BLOCK_DT above 128 is kept only where the bucket of the widest tiled head
+    dim is at least that wide: ``dims`` names the buckets, both for the dK/dV
+    kernel (one tile width over dK and dV), only DQK_BUCKET for the dQ kernel.
+    For D64/D128 such a tile would be all masked columns and autotune time.
+    Configs of BLOCK_DT <= 128 are always kept.
+    """
+    buckets = [named_args.get(n, kwargs.get(n)) for n in dims]
+    buckets = [int(b) for b in buckets if b is not None]
+    if not buckets:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_DT"] <= max(_NARROW_DV, max(buckets))]
+    return kept or configs
 
 
 def _bucket(d: int) -> int:
@@ -359,7 +390,8 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + pid_bh * N + offs_n, delta, mask=n_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["DQK_BUCKET", "DV_BUCKET"])
+@triton.autotune(configs=_bwd_configs(), key=["DQK_BUCKET", "DV_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_bwd_configs})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV, seed,
@@ -373,14 +405,14 @@ def _attn_bwd_dkdv_kernel(
     H, N, M, Dqk, Dv, scale, scale_log2, dropout_p,
     DQK_BUCKET, DV_BUCKET,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     # FlashAttention-2 backward for dK and dV.
-    # Grid: (cdiv(M, BLOCK_M), B * H, max(cdiv(Dqk, BLOCK_D), cdiv(Dv, BLOCK_D))).
-    # One program owns BLOCK_M keys of one (batch, head) and column tile t of
-    # dK and of dV (a tile past a dim's end is skipped). It loops over query
-    # blocks, recomputing P = exp(s * scale - lse) and dP = dO v^T over all
-    # head-dim chunks, and accumulates in fp32
+    # Grid: (cdiv(M, BLOCK_M), B * H, max(cdiv(Dqk, BLOCK_DT), cdiv(Dv, BLOCK_DT))).
+    # One program owns BLOCK_M keys of one (batch, head) and column tile t
+    # (BLOCK_DT wide) of dK and of dV (a tile past a dim's end is skipped). It
+    # loops over query blocks, recomputing P = exp(s * scale - lse) and
+    # dP = dO v^T over all head-dim chunks (BLOCK_D wide), and accumulates in fp32
     #   dV[:, t] += (P * Z)^T dO[:, t],  dK[:, t] += scale * dS^T Q[:, t],
     # with dS = P * (dP * Z - delta) and Z the dropout mask scaled by 1/(1-p).
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -389,13 +421,13 @@ def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
         stride_vb, stride_vh, stride_dob, stride_doh)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_t = t * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = t * BLOCK_DT + tl.arange(0, BLOCK_DT)
     key_ok = _key_valid(Mask + b * stride_maskb, offs_m, M, HAS_MASK)
-    do_k = t * BLOCK_D < Dqk
-    do_v = t * BLOCK_D < Dv
+    do_k = t * BLOCK_DT < Dqk
+    do_v = t * BLOCK_DT < Dv
 
-    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -432,7 +464,8 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=m_ok & (offs_t[None, :] < Dv))
 
 
-@triton.autotune(configs=_bwd_configs(), key=["DQK_BUCKET", "DV_BUCKET"])
+@triton.autotune(configs=_bwd_configs(), key=["DQK_BUCKET", "DV_BUCKET"],
+                 prune_configs_by={"early_config_prune": functools.partial(_prune_bwd_configs, dims=("DQK_BUCKET",))})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, Mask, DO, Lse, Delta, DQ, seed,
@@ -445,12 +478,12 @@ def _attn_bwd_dq_kernel(
     H, N, M, Dqk, Dv, scale, scale_log2, dropout_p,
     DQK_BUCKET, DV_BUCKET,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     # FlashAttention-2 backward for dQ.
-    # Grid: (cdiv(N, BLOCK_N), B * H, cdiv(Dqk, BLOCK_D)).
+    # Grid: (cdiv(N, BLOCK_N), B * H, cdiv(Dqk, BLOCK_DT)).
     # One program owns BLOCK_N queries of one (batch, head) and column tile t
-    # of dQ; it loops over key blocks recomputing P and dP (as in the dK/dV
+    # (BLOCK_DT wide) of dQ; it loops over key blocks recomputing P and dP (as in the dK/dV
     # kernel) and accumulates dQ[:, t] += scale * dS K[:, t] in fp32. For a
     # batch-shared q the caller passes an fp32 (B, N, H, Dqk) buffer as DQ and
     # sums it over the batch.
@@ -460,13 +493,13 @@ def _attn_bwd_dq_kernel(
         Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
         stride_vb, stride_vh, stride_dob, stride_doh)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_t = t * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = t * BLOCK_DT + tl.arange(0, BLOCK_DT)
     n_ok = offs_n < N
     mask_base = Mask + b * stride_maskb
     lse_log2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_N, BLOCK_DT], dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         key_ok = _key_valid(mask_base, offs_m, M, HAS_MASK)
@@ -637,7 +670,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         do.stride(0), do.stride(1), do.stride(2),
     )
     grid_kv = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H,
-                            max(triton.cdiv(Dqk, meta["BLOCK_D"]), triton.cdiv(Dv, meta["BLOCK_D"])))
+                            max(triton.cdiv(Dqk, meta["BLOCK_DT"]), triton.cdiv(Dv, meta["BLOCK_DT"])))
     _attn_bwd_dkdv_kernel[grid_kv](
         q, k, v, mask_t, do, lse, delta, dk, dv, seed_v,
         *common,
@@ -651,7 +684,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         dq_buf = _api._empty((B, N, H, Dqk), device=q.device, dtype=torch.float32)
     else:
         dq_buf = _api._empty(q.shape, device=q.device, dtype=q.dtype)
-    grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, triton.cdiv(Dqk, meta["BLOCK_D"]))
+    grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, triton.cdiv(Dqk, meta["BLOCK_DT"]))
     _attn_bwd_dq_kernel[grid_q](
         q, k, v, mask_t, do, lse, delta, dq_buf, seed_v,
         *common,
