@@ -4,27 +4,45 @@ On a machine without a GPU the Triton kernels run under the Triton interpreter
 (conftest sets TRITON_INTERPRET=1), so shapes are kept tiny. Every case runs
 both backends: "triton" (the real kernels) and "torch" (the chunked PyTorch
 fallback used for CPU tensors outside the interpreter). Every buffer the ops
-allocate starts as NaN (``_POISON``), so an element a kernel fails to write
-shows up as a mismatch.
+allocate starts as NaN (``poison_outputs``), so an element a kernel fails to
+write shows up as a mismatch. The backend and split count are op arguments;
+``KNOBS`` holds the ones a test sets, and ``cross``/``self_attn`` pass them.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from conftest import HAS_CUDA, requires_cuda
+from helpers import HAS_CUDA, requires_cuda
 from perceiver_fast.ops import attention as A
+from perceiver_fast.ops import attention_cpu as AC
+from perceiver_fast.ops import attention_triton as AT
+from perceiver_fast.ops.backend import poison_outputs
 from perceiver_fast.ops.reference import attention_reference
 
 BACKENDS = ["triton", "torch"]
 
 
+KNOBS = {"backend": "auto", "num_splits": 0}
+
+
 @pytest.fixture(autouse=True)
 def _attention_knobs():
-    saved = (A._BACKEND, A._NUM_SPLITS, A._CHUNK, A._POISON)
-    A._POISON = True
-    yield
-    A._BACKEND, A._NUM_SPLITS, A._CHUNK, A._POISON = saved
+    saved = dict(KNOBS)
+    with poison_outputs():
+        yield
+    KNOBS.update(saved)
+
+
+def cross(q, k, v, **kw):
+    """cross_attention with the backend and split count the test chose."""
+    return A.cross_attention(q, k, v, **{**KNOBS, **kw})
+
+
+def self_attn(q, k, v, **kw):
+    return A.self_attention(q, k, v, backend=KNOBS["backend"], **kw)
 
 
 def _dev() -> str:
@@ -93,12 +111,12 @@ CROSS_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CROSS_CASES, ids=lambda c: "Bq{}B{}N{}M{}H{}Dqk{}Dv{}{}".format(*c[:7], "mask" if c[7] else ""))
 def test_cross_fp32_matches_float64(backend, case):
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     Bq, B, N, M, H, Dqk, Dv, masked = case
     q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv)
     mask = _mask(B, M) if masked else None
     grad = torch.randn(B, N, H, Dv, device=q.device)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
     _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
     if masked:  # batch 0 has every key masked: zeros, zero gradients
@@ -119,12 +137,12 @@ def test_cross_low_precision_within_eager_error(backend, name):
     dtype, case, floor = LOW_PRECISION_CASES[name]
     if dtype == torch.bfloat16 and backend == "triton" and not HAS_CUDA:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter (triton-lang/triton#11584); runs on GPU")
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     Bq, B, N, M, H, Dqk, Dv, masked = case
     q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=dtype)
     mask = _mask(B, M, fully_masked_batch=False) if masked else None
     grad = torch.randn(B, N, H, Dv, device=q.device, dtype=dtype)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask)
     assert all(t.dtype == dtype for t in ours)
     eager = _run(attention_reference, [q, k, v], grad, key_padding_mask=mask)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
@@ -136,19 +154,17 @@ def test_cross_low_precision_within_eager_error(backend, name):
 @pytest.mark.parametrize("D", [3, 64])
 def test_self_attention_packed_qkv_views(backend, dtype, D, monkeypatch):
     """q, k, v are views of one (B, N, 3, H, D) projection and reach the op uncopied."""
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     B, N, H = 2, 21, 2
     qkv = torch.randn(B, N, 3, H, D, device=_dev(), dtype=dtype, requires_grad=True)
     seen = []
     real_fwd = A.attention_fwd_chunked
     monkeypatch.setattr(A, "attention_fwd_chunked", lambda q, *a, **kw: seen.append(q) or real_fwd(q, *a, **kw))
     if backend == "triton":
-        from perceiver_fast.ops import attention_kernels as AK
-
-        real_tri = AK.attention_fwd_triton
-        monkeypatch.setattr(AK, "attention_fwd_triton", lambda q, *a, **kw: seen.append(q) or real_tri(q, *a, **kw))
+        real_tri = AT.attention_fwd_triton
+        monkeypatch.setattr(AT, "attention_fwd_triton", lambda q, *a, **kw: seen.append(q) or real_tri(q, *a, **kw))
     grad = torch.randn(B, N, H, D, device=_dev(), dtype=dtype)
-    out = A.self_attention(*qkv.unbind(2))
+    out = self_attn(*qkv.unbind(2))
     out.backward(grad)
     assert seen and seen[0].data_ptr() == qkv.data_ptr() and seen[0].stride() == qkv[:, :, 0].stride()
     ref_qkv = qkv.detach().double().requires_grad_()
@@ -167,12 +183,12 @@ def test_self_attention_packed_qkv_views(backend, dtype, D, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cross_packed_kv_views(backend):
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     B, N, M, H, D = 2, 9, 26, 2, 12
     latents = torch.randn(1, N, H, D, device=_dev(), requires_grad=True)
     kv = torch.randn(B, M, 2, H, D, device=_dev(), requires_grad=True)
     grad = torch.randn(B, N, H, D, device=_dev())
-    out = A.cross_attention(latents, *kv.unbind(2))
+    out = cross(latents, *kv.unbind(2))
     out.backward(grad)
     rl, rkv = latents.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
     ref = attention_reference(rl, *rkv.unbind(2))
@@ -182,25 +198,25 @@ def test_cross_packed_kv_views(backend):
 
 
 def test_softmax_scale_and_self_attention_head_dim_256():
-    A._BACKEND = "triton"
+    KNOBS["backend"] = "triton"
     q, k, v = _inputs(1, 1, 5, 5, 1, 256, 256)
     grad = torch.randn(1, 5, 1, 256, device=q.device)
-    ours = _run(A.self_attention, [q, k, v], grad, softmax_scale=0.3)
+    ours = _run(self_attn, [q, k, v], grad, softmax_scale=0.3)
     ref = _reference([q, k, v], grad, softmax_scale=0.3)
     _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
 def test_split_kv_on_off_agree():
     """Split-KV (including more splits than key blocks) gives the unsplit answer."""
-    A._BACKEND = "triton"
+    KNOBS["backend"] = "triton"
     q, k, v = _inputs(1, 2, 18, 40, 2, 20, 36)
     mask = _mask(2, 40)
     mask[1, 17:] = False  # whole splits of batch 1 fully masked
     grad = torch.randn(2, 18, 2, 36, device=q.device)
     results = {}
     for splits in (1, 2, 3, 64):
-        A._NUM_SPLITS = splits
-        results[splits] = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+        KNOBS["num_splits"] = splits or 0
+        results[splits] = _run(cross, [q, k, v], grad, key_padding_mask=mask)
     for splits in (2, 3, 64):
         _assert_all_close(results[splits], results[1], atol=1e-6, rtol=1e-6)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
@@ -209,55 +225,134 @@ def test_split_kv_on_off_agree():
 
 def test_strided_mask():
     """A mask view with a non-unit key stride is honoured."""
-    A._BACKEND = "triton"
+    KNOBS["backend"] = "triton"
     q, k, v = _inputs(2, 2, 7, 13, 1, 8, 8)
     mask = (torch.rand(2, 26, device=q.device) > 0.4)[:, ::2]
     mask[:, 0] = True
     grad = torch.randn(2, 7, 1, 8, device=q.device)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
     _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_choose_num_splits():
-    from perceiver_fast.ops.attention_kernels import choose_num_splits
-
-    cpu = torch.device("cpu")
-    # Many programs already: no split. Few programs and many keys: split.
-    assert choose_num_splits(8, 8, 512, 512, 128, cpu) == 1
-    assert choose_num_splits(1, 1, 64, 50176, 512, cpu) > 1
-    assert choose_num_splits(1, 1, 64, 100, 64, cpu) == 1  # too few keys to split
-
-
-# (BLOCK_DV, Dqk, Dv, splits): a 256 tile with a masked tail (261 = 256 + 5, 322 = 256 + 66),
-# and one 512 tile over all of Dv, with and without split-KV.
-WIDE_DV_CASES = [(256, 261, 261, 1), (256, 20, 322, 2), (512, 322, 322, 1), (512, 261, 261, 3)]
+def test_num_splits_heuristic():
+    """FlashAttention's heuristic: no split once the tiles fill the SMs; else the fewest efficient splits."""
+    assert AT.num_splits_heuristic(tiles=132, num_sms=132, key_blocks=392) == 1
+    # pio-learned on an H100: 8 query tiles x 8 images = 64 tiles, 392 key blocks of 128 -> 2 full waves
+    s = AT.num_splits_heuristic(tiles=64, num_sms=132, key_blocks=392)
+    assert s == 2
+    assert AT.num_splits_heuristic(tiles=1, num_sms=8, key_blocks=1) == 1  # one key block: nothing to split
+    assert AT.num_splits_heuristic(tiles=3, num_sms=132, key_blocks=1000) >= 20
 
 
-@pytest.mark.parametrize("block_dv,dqk,dv,splits", WIDE_DV_CASES)
-def test_wide_value_tile_forward(block_dv, dqk, dv, splits, monkeypatch):
-    """The wide BLOCK_DV forward configs (perf-notes A1) against float64, whatever config autotune picks.
+@pytest.mark.parametrize("d,budget,plan", [
+    (512, 512, (512, 0, True)), (261, 512, (256, 16, True)), (322, 512, (256, 128, True)),
+    (1, 512, (16, 0, True)), (64, 512, (64, 0, True)), (1024, 512, (128, 0, False)),
+    (261, 256, (128, 0, False)), (130, 256, (128, 16, True)),
+])
+def test_head_dim_plan(d, budget, plan):
+    """Head dims are covered by a resident power-of-two chunk plus a tail, or walked in chunks."""
+    got = AT.plan_dim(d, budget)
+    assert (got.main, got.tail, got.resident) == plan
+    assert not got.resident or got.width >= d
 
-    The interpreter normally runs a single 64-wide value tile; here the forward's only
-    config is a 256/512-wide one, so one program reuses its score tile across Dv.
+
+@pytest.mark.parametrize("dqk,dv,row_pad", [(261, 322, 0), (261, 261, 3), (40, 130, 0), (512, 8, 0)])
+def test_tma_and_pointer_paths_agree(dqk, dv, row_pad):
+    """The descriptor (TMA) path, on aligned or repacked rows, equals the masked pointer path and float64.
+
+    ``row_pad`` > 0 gives k/v an odd row stride (a view of wider rows), the layout a user may hand in.
     """
-    from perceiver_fast.ops import attention_kernels as AK
+    B, N, M, H = 2, 19, 45, 1
+    q = torch.randn(1, N, H, dqk)
+    k = torch.randn(B, M, H, dqk + row_pad)[..., :dqk]
+    v = torch.randn(B, M, H, dv + row_pad)[..., :dv]
+    mask = _mask(B, M, fully_masked_batch=False, device="cpu")
+    outs = {}
+    for repack in (False, True):
+        out, lse = AT.attention_fwd_triton(q, k, v, mask, None, 0.0, dqk ** -0.5, 2, repack=repack)
+        do = torch.randn_like(out)
+        grads = AT.attention_bwd_triton(do, q, k, v, out, lse, mask, None, 0.0, dqk ** -0.5, repack=repack)
+        outs[repack] = (out, *grads)
+    assert AT.plan_alignment((k, v), repack=False)[1] is (dqk % 4 == 0 and dv % 4 == 0 and row_pad == 0)
+    assert AT.plan_alignment((k, v), repack=True)[1] is True
+    for a, b in zip(outs[False], outs[True]):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ref = attention_reference(*(t.double() for t in (q, k, v)), key_padding_mask=mask)
+    torch.testing.assert_close(outs[True][0].double(), ref, atol=2e-5, rtol=1e-5)
 
-    cfg = triton_config(BLOCK_N=16, BLOCK_M=16, BLOCK_D=64, BLOCK_DV=block_dv, num_warps=8)
-    monkeypatch.setattr(AK._attn_fwd_kernel, "configs", [cfg])
-    monkeypatch.setattr(AK._attn_fwd_kernel, "cache", {})
-    A._BACKEND = "triton"
-    A._NUM_SPLITS = splits
-    q, k, v = _inputs(1, 2, 18, 40, 2, dqk, dv)
-    mask = _mask(2, 40)
-    with torch.no_grad():
-        out = A.cross_attention(q, k, v, key_padding_mask=mask)
-    best = getattr(AK._attn_fwd_kernel, "best_config", None)
-    if best is not None:
-        assert best.kwargs["BLOCK_DV"] == block_dv
-    ref = attention_reference(*(t.detach().double() for t in (q, k, v)), key_padding_mask=mask)
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+def test_aligned_copy_pads_rows_to_16_bytes():
+    x = torch.randn(2, 5, 1, 261, dtype=torch.float16)
+    y = AT.aligned_copy(x)
+    assert torch.equal(x, y) and y.stride(1) == 264 and AT.plan_alignment((y,), repack=False)[1]
+
+
+def test_forward_plan_splits_from_real_tiles():
+    """The split count follows the tile count: more images or queries, fewer splits."""
+    cpu = torch.device("cpu")
+    few = AT.forward_plan(64, 50176, 512, 512, torch.bfloat16, 1, 1, 0, cpu)
+    many = AT.forward_plan(512, 50176, 512, 512, torch.bfloat16, 64, 1, 0, cpu)
+    assert few["num_splits"] > 1 and many["num_splits"] == 1
+    assert few["keys_per_split"] % AT.SPLIT_GRANULE == 0
+    assert few["keys_per_split"] * few["num_splits"] >= 50176
+    forced = AT.forward_plan(64, 1000, 64, 64, torch.float16, 1, 1, 3, cpu)
+    assert forced["num_splits"] == 3
+
+
+def test_autotune_pruning_fits_shared_memory(monkeypatch):
+    """No forward config the autotuner keeps needs more shared memory than sm_90 has, nor >128 acc registers."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    configs = AT._fwd_configs()  # the GPU list
+    assert len(configs) > 1
+    for d in (64, 128, 256, 261, 322, 512, 1024):
+        for dtype in (torch.bfloat16, torch.float32):
+            budget = AT.dim_budget(dtype)
+            qk, vp = AT.plan_dim(d, budget), AT.plan_dim(d, budget)
+            kw = dict(DQK0=qk.main, DQK1=qk.tail, QK_RESIDENT=qk.resident, DV0=vp.main, DV1=vp.tail)
+            kept = AT._prune_fwd(configs, {"Q": torch.empty(0, dtype=dtype)}, **kw)
+            assert kept, (d, dtype)
+            for c in kept:
+                assert AT.fwd_smem_estimate(c, kw, torch.empty(0, dtype=dtype).element_size()) <= AT.SMEM_BUDGET
+
+
+# (BLOCK_DT, Bq, B, N, M, H, Dqk, Dv, masked, dropout_p): column tiles narrower than the head dims
+# (a tile past Dqk skipped for dK), a batch-shared q, a fully masked batch, dropout.
+BWD_TILE_CASES = [
+    (32, 1, 2, 5, 20, 1, 261, 70, True, 0.0),
+    (64, 2, 2, 18, 7, 2, 20, 130, True, 0.0),
+    (32, 1, 2, 9, 20, 1, 40, 36, True, 0.3),
+]
+
+
+@pytest.mark.parametrize("case", BWD_TILE_CASES,
+                         ids=lambda c: "BT{}-Bq{}B{}N{}M{}H{}Dqk{}Dv{}{}-p{}".format(*c[:8], "mask" * c[8], c[9]))
+def test_backward_column_tiles(case, monkeypatch):
+    """Both backward kernels with column tiles narrower than the head dims, against float64.
+
+    For dropout the reference applies the kernels' own keep-mask (in place of torch's dropout).
+    """
+    block_dt, Bq, B, N, M, H, Dqk, Dv, masked, p = case
+    cfg = triton_config(BLOCK_N=16, BLOCK_M=16, BLOCK_D=32, BLOCK_DT=block_dt, num_warps=4)
+    for kernel in (AT._attn_bwd_dkdv_kernel, AT._attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        monkeypatch.setattr(kernel, "cache", {})
+    KNOBS["backend"] = "triton"
+    KNOBS["num_splits"] = 2
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv)
+    mask = _mask(B, M) if masked else None
+    grad = torch.randn(B, N, H, Dv, device=q.device)
+    torch.manual_seed(5)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    if p > 0.0:
+        torch.manual_seed(5)
+        keep = _keep_mask("triton", int(A.draw_dropout_seed(p).item()), B, H, N, M, p, q.device)
+        ref = _run(_masked_reference(mask, keep, p), [t.detach().double().requires_grad_() for t in (q, k, v)],
+                   grad.double())
+    else:
+        ref = _reference([q, k, v], grad, key_padding_mask=mask)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
 def triton_config(num_warps=4, **kwargs):
@@ -266,132 +361,48 @@ def triton_config(num_warps=4, **kwargs):
     return triton.Config(kwargs, num_warps=num_warps)
 
 
-def test_wide_value_tiles_pruned_by_dv_bucket(monkeypatch):
-    """_prune_fwd_configs: BLOCK_DV 256/512 only where the Dv bucket is that wide; narrow configs always kept."""
-    from perceiver_fast.ops import attention_kernels as AK
-
-    monkeypatch.setattr(AK, "INTERPRET", False)
-    configs = AK._fwd_configs()  # the GPU list
-    narrow = [c for c in configs if c.kwargs["BLOCK_DV"] <= 128]
-    assert {c.kwargs["BLOCK_DV"] for c in configs} >= {256, 512}
-
-    def widths(dv):
-        kept = AK._prune_fwd_configs(configs, {"DV_BUCKET": AK._bucket(dv), "DQK_BUCKET": AK._bucket(dv)})
-        assert all(c in kept for c in narrow)
-        return {c.kwargs["BLOCK_DV"] for c in kept}
-
-    assert max(widths(64)) == 128 and max(widths(128)) == 128
-    assert max(widths(256)) == 256
-    for dv in (261, 322, 512):
-        assert {256, 512} <= widths(dv)
-    assert AK._prune_fwd_configs(configs, {}) == configs  # no bucket given: nothing pruned
-
-
-# (BLOCK_DT, BLOCK_D, Bq, B, N, M, H, Dqk, Dv, masked, dropout_p): column tiles of 256 with masked
-# tails (261 = 256 + 5, 322 = 256 + 66) and reduction chunks of 64 or 32 (BLOCK_D != BLOCK_DT), a
-# Dqk narrower than one tile (the dK half of tile 1 skipped), one 512 tile over all of Dqk and Dv,
-# a batch-shared q, a mask whose batch 0 has every key masked, and dropout.
-WIDE_BWD_CASES = [
-    (256, 64, 1, 2, 5, 20, 1, 261, 261, True, 0.0),
-    (256, 32, 2, 2, 18, 7, 2, 322, 322, True, 0.0),
-    (256, 64, 2, 2, 6, 9, 1, 20, 322, False, 0.0),
-    (512, 64, 1, 2, 5, 7, 1, 322, 261, False, 0.0),
-    (256, 64, 1, 2, 9, 20, 1, 261, 322, True, 0.3),
-]
-
-
-@pytest.mark.parametrize("case", WIDE_BWD_CASES,
-                         ids=lambda c: "BT{}BD{}-Bq{}B{}N{}M{}H{}Dqk{}Dv{}{}-p{}".format(*c[:9], "mask" * c[9], c[10]))
-def test_wide_column_tile_backward(case, monkeypatch):
-    """The wide backward configs (perf-notes B1) against float64 attention_reference, all gradients.
-
-    The interpreter normally runs one 64-wide column tile per program; here both backward
-    kernels' only config has a BLOCK_DT-wide column tile, so one program covers 256/512
-    columns of dK and dV (or dQ) while the scores and dP are still summed in BLOCK_D chunks.
-    For dropout the reference applies the kernels' own keep-mask (in place of torch's dropout).
-    """
-    from perceiver_fast.ops import attention_kernels as AK
-
-    block_dt, block_d, Bq, B, N, M, H, Dqk, Dv, masked, p = case
-    cfg = triton_config(BLOCK_N=16, BLOCK_M=16, BLOCK_D=block_d, BLOCK_DT=block_dt, num_warps=8)
-    for kernel in (AK._attn_bwd_dkdv_kernel, AK._attn_bwd_dq_kernel):
-        monkeypatch.setattr(kernel, "configs", [cfg])
-        monkeypatch.setattr(kernel, "cache", {})
-    A._BACKEND = "triton"
-    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv)
-    mask = _mask(B, M) if masked else None
-    grad = torch.randn(B, N, H, Dv, device=q.device)
-    torch.manual_seed(5)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
-    for kernel in (AK._attn_bwd_dkdv_kernel, AK._attn_bwd_dq_kernel):
-        best = getattr(kernel, "best_config", None)
-        if best is not None:
-            assert best.kwargs["BLOCK_DT"] == block_dt and best.kwargs["BLOCK_D"] == block_d
-    if p > 0.0:
-        torch.manual_seed(5)
-        keep = _keep_mask("triton", int(A._draw_seed(p).item()), B, H, N, M, p, q.device)
-        monkeypatch.setattr(torch.nn.functional, "dropout", lambda probs, p: probs * keep / (1 - p))
-    ref = _reference([q, k, v], grad, key_padding_mask=mask, dropout_p=p)
-    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
-    if masked:  # batch 0 has every key masked: zero output, zero dK and dV
-        assert (ours[0][0] == 0).all() and (ours[2][0] == 0).all() and (ours[3][0] == 0).all()
-
-
-def test_wide_column_tiles_pruned_by_head_dim_bucket(monkeypatch):
-    """_prune_bwd_configs: BLOCK_DT 256 only where a tiled head dim's bucket is that wide; narrow configs kept."""
-    import functools
-
-    from perceiver_fast.ops import attention_kernels as AK
-
-    monkeypatch.setattr(AK, "INTERPRET", False)
-    configs = AK._bwd_configs()  # the GPU list
-    narrow = [c for c in configs if c.kwargs["BLOCK_DT"] <= 128]
-    assert {c.kwargs["BLOCK_DT"] for c in configs} >= {256, 512}
-    dq_prune = functools.partial(AK._prune_bwd_configs, dims=("DQK_BUCKET",))
-
-    def widths(dqk, dv, prune=AK._prune_bwd_configs):
-        kept = prune(configs, {"DQK_BUCKET": AK._bucket(dqk), "DV_BUCKET": AK._bucket(dv)})
-        assert all(c in kept for c in narrow)
-        return {c.kwargs["BLOCK_DT"] for c in kept}
-
-    assert max(widths(64, 64)) == 128 and max(widths(128, 128)) == 128
-    assert max(widths(256, 256)) == 256 and max(widths(256, 256, dq_prune)) == 256
-    for d in (261, 322, 512):
-        assert {256, 512} <= widths(d, d) and {256, 512} <= widths(d, d, dq_prune)
-    assert 256 in widths(20, 322) and max(widths(20, 322, dq_prune)) == 128  # dQ has only Dqk columns
-    assert AK._prune_bwd_configs(configs, {}) == configs  # no bucket given: nothing pruned
+def _masked_reference(mask, keep, p):
+    """float64 attention with an explicit dropout keep-mask (B, H, N, M) and key padding mask."""
+    def f(q, k, v):
+        B = k.shape[0]
+        s = torch.einsum("bnhd,bmhd->bhnm", q.expand(B, -1, -1, -1), k) * q.shape[-1] ** -0.5
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = (s.softmax(-1).nan_to_num(0.0)) * keep / (1 - p)
+        return torch.einsum("bhnm,bmhd->bnhd", probs, v)
+    return f
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chunked_fallback_many_chunks(backend):
+def test_chunked_fallback_many_chunks(backend, monkeypatch):
     """The fallback's online softmax across several key chunks (chunk 8, M 37)."""
-    A._BACKEND = backend
-    A._CHUNK = 8
+    KNOBS["backend"] = backend
+    monkeypatch.setattr(AC, "DEFAULT_CHUNK", 8)
     q, k, v = _inputs(1, 2, 6, 37, 2, 5, 7)
     mask = _mask(2, 37)
     grad = torch.randn(2, 6, 2, 7, device=q.device)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
     _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequences(backend):
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     q, k, v = _inputs(2, 2, 0, 5, 1, 4, 6)
-    out = A.cross_attention(q, k, v)
+    out = cross(q, k, v)
     assert out.shape == (2, 0, 1, 6)
     out.sum().backward()
     assert q.grad.shape == q.shape and (k.grad == 0).all() and (v.grad == 0).all()
 
     q, k, v = _inputs(1, 0, 3, 4, 1, 4, 6)  # empty batch
-    out = A.cross_attention(q, k, v)
+    out = cross(q, k, v)
     assert out.shape == (0, 3, 1, 6)
     out.sum().backward()
     assert (q.grad == 0).all()
 
     q, k, v = _inputs(1, 2, 3, 0, 1, 4, 6)
-    out = A.cross_attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool, device=q.device))
+    out = cross(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool, device=q.device))
     assert out.shape == (2, 3, 1, 6) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
@@ -402,47 +413,53 @@ def test_empty_sequences(backend):
 # ---------------------------------------------------------------------------
 def _keep_mask(backend, seed, B, H, N, M, p, device):
     if backend == "triton":
-        from perceiver_fast.ops.attention_kernels import dropout_keep_mask
+        out = torch.empty((B, H, N, M), device=device, dtype=torch.int8)
+        _dropout_mask_kernel[(triton.cdiv(N, 16), B * H, triton.cdiv(M, 16))](out, seed, H, N, M, p,
+                                                                              BLOCK_N=16, BLOCK_M=16)
+        return out.bool()
+    return AC.dropout_keep_chunk(seed, 0, (B, H, N, M), p, device)
 
-        return dropout_keep_mask(seed, B, H, N, M, p, device)
-    return A._chunk_keep(seed, 0, (B, H, N, M), p, device)
+
+@triton.jit
+def _dropout_mask_kernel(Out, seed, H, N, M, dropout_p, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The (B, H, N, M) keep-mask the attention kernels draw. Grid: (cdiv(N, BLOCK_N), B * H, cdiv(M, BLOCK_M)).
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keep = AT.dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p)
+    ptrs = Out + (pid_bh * N + offs_n.to(tl.int64)[:, None]) * M + offs_m[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
 
 
 @pytest.mark.parametrize("backend,splits", [("triton", 1), ("triton", 3), ("torch", None)])
 def test_dropout_matches_reference_with_same_mask(backend, splits):
     """Forward and backward apply the same mask: rebuild it and compare in float64."""
-    A._BACKEND = backend
-    A._NUM_SPLITS = splits
+    KNOBS["backend"] = backend
+    KNOBS["num_splits"] = splits or 0
     B, N, M, H, D, p = 2, 17, 23, 2, 8, 0.3
     q, k, v = _inputs(1, B, N, M, H, D, D)
     mask = _mask(B, M, fully_masked_batch=False)
     grad = torch.randn(B, N, H, D, device=q.device)
     torch.manual_seed(5)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
     torch.manual_seed(5)
-    seed = int(A._draw_seed(p).item())
+    seed = int(A.draw_dropout_seed(p).item())
     keep = _keep_mask(backend, seed, B, H, N, M, p, q.device)
 
-    def masked_reference(q, k, v):
-        s = torch.einsum("bnhd,bmhd->bhnm", q.expand(B, -1, -1, -1), k) * D**-0.5
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-        probs = s.softmax(-1) * keep / (1 - p)
-        return torch.einsum("bhnm,bmhd->bnhd", probs, v)
-
     copies = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = _run(masked_reference, copies, grad.double())
+    ref = _run(_masked_reference(mask, keep, p), copies, grad.double())
     _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_keep_rate(backend):
     """Uniform attention over M keys and v = identity: out[n, j] = keep / ((1 - p) M)."""
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     B, N, M, p = 2, 32, 32, 0.25
     q = torch.zeros(1, N, 1, 4, device=_dev())
     k = torch.randn(B, M, 1, 4, device=_dev())
     v = torch.eye(M, device=_dev()).expand(B, M, M).reshape(B, M, 1, M)
-    out = A.cross_attention(q, k, v, dropout_p=p)
+    out = cross(q, k, v, dropout_p=p)
     kept = out != 0
     torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / ((1 - p) * M)))
     rate = kept.float().mean().item()
@@ -451,16 +468,16 @@ def test_dropout_keep_rate(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_reproducible_under_manual_seed(backend):
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     q, k, v = [t.detach() for t in _inputs(2, 2, 9, 11, 1, 8, 8)]
     torch.manual_seed(123)
-    a = A.cross_attention(q, k, v, dropout_p=0.5)
+    a = cross(q, k, v, dropout_p=0.5)
     torch.manual_seed(123)
-    b = A.cross_attention(q, k, v, dropout_p=0.5)
-    c = A.cross_attention(q, k, v, dropout_p=0.5)
+    b = cross(q, k, v, dropout_p=0.5)
+    c = cross(q, k, v, dropout_p=0.5)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    d = A.self_attention(q, q, q, dropout_p=0.0)
-    assert torch.equal(d, A.self_attention(q, q, q))
+    d = self_attn(q, q, q, dropout_p=0.0)
+    assert torch.equal(d, self_attn(q, q, q))
 
 
 # ---------------------------------------------------------------------------
@@ -486,7 +503,7 @@ def _bad_cases():
         ("mask_shape", A.cross_attention, (q, k, v), {"key_padding_mask": mask[:, :3]}, ValueError, "(2, 3)"),
         ("dropout_high", A.cross_attention, (q, k, v), {"dropout_p": 1.0}, ValueError, "dropout_p"),
         ("dropout_neg", A.self_attention, (q, q, q), {"dropout_p": -0.1}, ValueError, "dropout_p"),
-        ("head_dim", A.self_attention, (torch.randn(1, 2, 1, 257),) * 3, {}, ValueError, "D=257"),
+        ("head_dim", A.self_attention, (torch.randn(1, 2, 1, 4097),) * 3, {}, ValueError, "D=4097"),
         ("head_dim_cross", A.cross_attention, (torch.randn(1, 2, 1, 4097), torch.randn(1, 2, 1, 4097),
                                                torch.randn(1, 2, 1, 3)), {}, ValueError, "Dqk=4097"),
         ("self_shape", A.self_attention, (q, k, v), {}, ValueError, "must all be (B, N, H, D)"),
@@ -522,14 +539,14 @@ def test_bad_input_errors_name_the_shapes():
     ]
     for args, kw, text in cases:
         with pytest.raises((TypeError, ValueError)) as info:
-            A.cross_attention(*args, **kw)
+            cross(*args, **kw)
         assert text in str(info.value), str(info.value)
 
 def test_mixed_devices_error_names_devices():
     q = torch.randn(1, 2, 1, 4)
     k = torch.randn(1, 3, 1, 4, device="meta")
     with pytest.raises(ValueError, match="one device"):
-        A.cross_attention(q, k, k)
+        cross(q, k, k)
 
 
 # ---------------------------------------------------------------------------
@@ -537,27 +554,27 @@ def test_mixed_devices_error_names_devices():
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     q, k, v = [t.detach() for t in _inputs(1, 2, 5, 7, 1, 6, 3)]
     mask = _mask(2, 7)
     seed = torch.tensor([7])
-    torch.library.opcheck(torch.ops.perceiver_fast.attention_fwd.default, (q, k, v, mask, seed, 0.2, 0.4, 2))
-    torch.library.opcheck(torch.ops.perceiver_fast.attention_fwd.default, (q, k, v, None, None, 0.0, 0.4, 0))
-    out, lse = torch.ops.perceiver_fast.attention_fwd(q, k, v, mask, seed, 0.2, 0.4, 1)
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_fwd.default, (q, k, v, mask, seed, 0.2, 0.4, 2, backend))
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_fwd.default, (q, k, v, None, None, 0.0, 0.4, 0, backend))
+    out, lse = torch.ops.perceiver_fast.attention_fwd(q, k, v, mask, seed, 0.2, 0.4, 1, backend)
     grad = torch.randn_like(out)
     torch.library.opcheck(torch.ops.perceiver_fast.attention_bwd.default,
-                          (grad, q, k, v, out, lse, mask, seed, 0.2, 0.4))
+                          (grad, q, k, v, out, lse, mask, seed, 0.2, 0.4, 2, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    A._BACKEND = backend
+    KNOBS["backend"] = backend
     q, k, v = _inputs(1, 2, 6, 9, 2, 8, 8)
     mask = _mask(2, 9, fully_masked_batch=False)
 
     def f(q, k, v):
-        x = A.cross_attention(q, k, v, key_padding_mask=mask, dropout_p=0.1)
-        return A.self_attention(x, x, x).square().sum()
+        x = cross(q, k, v, key_padding_mask=mask, dropout_p=0.1)
+        return self_attn(x, x, x).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.manual_seed(1)
@@ -574,32 +591,33 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, t.grad)
 
 
-def test_backend_switch_validation():
-    A._BACKEND = "cuda-please"
+def test_backend_and_split_validation():
     q, k, v = [t.detach() for t in _inputs(1, 1, 2, 2, 1, 4, 4)]
-    with pytest.raises(ValueError, match="_BACKEND"):
-        A.cross_attention(q, k, v)
+    with pytest.raises(ValueError, match="backend"):
+        A.cross_attention(q, k, v, backend="cuda-please")
+    with pytest.raises(ValueError, match="num_splits"):
+        A.cross_attention(q, k, v, num_splits=-1)
+    with pytest.raises(ValueError, match="sdpa"):
+        A.cross_attention(q, k, v, backend="sdpa")
 
 
 
 def test_tf32_setting_read_through_the_fp32_precision_api():
     """torch >= 2.9 sets TF32 with ``torch.backends.cuda.matmul.fp32_precision``; after that, reading the
     legacy ``allow_tf32`` raises, so the ops must read the new setting (and never crash on fp32 inputs)."""
-    from perceiver_fast.ops import attention_kernels as AK
-
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision API (older than 2.9)")
     saved = matmul.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
-        A._BACKEND = "triton"
+        KNOBS["backend"] = "triton"
         q, k, v = _inputs(1, 1, 3, 5, 1, 4, 4)
-        A.cross_attention(q, k, v).sum().backward()
+        cross(q, k, v).sum().backward()
         assert q.grad is not None and torch.isfinite(q.grad).all()
         for prec, want in (("tf32", True), ("ieee", False)):
             matmul.fp32_precision = prec
-            assert AK._tf32_allowed() is want
+            assert AT.tf32_allowed() is want
     finally:
         matmul.fp32_precision = saved
 
@@ -616,7 +634,7 @@ def test_gpu_low_precision_within_eager_error(case, dtype):
     q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, dtype=dtype, device="cuda")
     mask = _mask(B, M, fully_masked_batch=False, device="cuda")
     grad = torch.randn(B, N, H, Dv, device="cuda", dtype=dtype)
-    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask)
     eager = _run(attention_reference, [q, k, v], grad, key_padding_mask=mask)
     ref = _reference([q, k, v], grad, key_padding_mask=mask)
     _assert_within_eager(ours, eager, ref, floor=1e-3)
@@ -628,7 +646,7 @@ def test_gpu_fp32_follows_allow_tf32(allow_tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     q, k, v = _inputs(1, 2, 100, 700, 2, 96, 80, device="cuda")
     grad = torch.randn(2, 100, 2, 80, device="cuda")
-    ours = _run(A.cross_attention, [q, k, v], grad)
+    ours = _run(cross, [q, k, v], grad)
     ref = _reference([q, k, v], grad)
     if allow_tf32:
         eager = _run(attention_reference, [q, k, v], grad)
@@ -641,12 +659,12 @@ def test_gpu_fp32_follows_allow_tf32(allow_tf32, monkeypatch):
 def test_gpu_split_kv_large_m_and_dropout():
     q, k, v = _inputs(1, 2, 64, 20000, 1, 64, 64, device="cuda")
     grad = torch.randn(2, 64, 1, 64, device="cuda")
-    A._NUM_SPLITS = 1
-    one = _run(A.cross_attention, [q, k, v], grad)
-    A._NUM_SPLITS = None
-    auto = _run(A.cross_attention, [q, k, v], grad)
+    KNOBS["num_splits"] = 1 or 0
+    one = _run(cross, [q, k, v], grad)
+    KNOBS["num_splits"] = None or 0
+    auto = _run(cross, [q, k, v], grad)
     _assert_all_close(auto, one, atol=1e-5, rtol=1e-5)
-    out = A.cross_attention(q.detach(), k.detach(), torch.ones_like(v).detach(), dropout_p=0.2)
+    out = cross(q.detach(), k.detach(), torch.ones_like(v).detach(), dropout_p=0.2)
     assert (out.float().mean() - 1).abs() < 0.02
 
 
@@ -660,7 +678,7 @@ def test_gpu_int64_offsets():
     mask = torch.zeros(B, M, dtype=torch.bool, device="cuda")
     mask[:, -3:] = True
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = A.cross_attention(q, k, v, key_padding_mask=mask)
+    out = cross(q, k, v, key_padding_mask=mask)
     grad = torch.randn_like(out)
     out.backward(grad)
     tails = [t.detach()[:, -3:].double().requires_grad_() for t in (k, v)]

@@ -182,9 +182,7 @@ def test_autocast_eager_bf16():
 def test_autocast_fused_op_bf16_torch_backend(monkeypatch):
     """The fused custom ops under CPU autocast, via their PyTorch backend (bf16 tl.dot is broken in the
     Triton interpreter, so the Triton kernels themselves are only exercised in bf16 on a GPU)."""
-    import perceiver_fast.ops.attention as attn_ops
-
-    monkeypatch.setattr(attn_ops, "_BACKEND", "torch")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # "auto" then picks the PyTorch backend
     model = TINY["perceiver"](attention="fused").eval()
     ref = TINY["perceiver"](attention="eager").eval()
     ref.load_state_dict(model.state_dict())

@@ -80,12 +80,11 @@ def self_attention(
 ) -> torch.Tensor:
     """q, k, v (B, N, H, D), possibly strided views of a packed (B, N, 3, H, D) projection.
 
-    Head widths the fused self-attention kernel does not take (D > 256, or v wider than q/k) go to the
-    fused cross-attention op, which accepts any q/k/v of that layout.
+    A v wider or narrower than q/k goes to the fused cross-attention op, which takes Dv != Dqk.
     """
     if attention == "fused":
         ops = _fused_ops()
-        if q.shape[-1] > ops.MAX_HEAD_DIM_SELF or v.shape[-1] != q.shape[-1]:
+        if v.shape[-1] != q.shape[-1]:
             return ops.cross_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
         return ops.self_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
     return attention_reference(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True)

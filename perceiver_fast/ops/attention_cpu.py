@@ -1,0 +1,103 @@
+"""The PyTorch path of the attention ops (CPU tensors without the Triton interpreter).
+
+Online softmax over key chunks, so memory is O(N * chunk), never N x M; same
+contract as the Triton launchers: out (B, N, H, Dv) in q's dtype and lse fp32
+(B, H, N), +inf for a query with no attended key (whose output is zeros).
+Dropout masks come from a CPU generator seeded by (seed, chunk start), so the
+backward regenerates the forward's mask.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from perceiver_fast.ops.backend import empty
+
+# Keys per chunk: large enough for matmul efficiency, small enough that the
+# (B, H, N, chunk) score block stays a few MB.
+DEFAULT_CHUNK = 1024
+
+
+def dropout_keep_chunk(seed: int, start: int, shape, dropout_p: float, device) -> Tensor:
+    """Dropout keep-mask of one key chunk, reproducible from (seed, start)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((int(seed) * 1_000_003 + start) % (2**63 - 1))
+    return (torch.rand(shape, generator=g) >= dropout_p).to(device)
+
+
+def attention_fwd_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+                          seed: Optional[int] = None, dropout_p: float = 0.0,
+                          scale: float = 1.0, chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Online-softmax attention over key chunks in PyTorch (fp32 math).
+
+    Same contract as the forward custom op: returns out (B, N, H, Dv) in q's
+    dtype and lse fp32 (B, H, N), +inf for rows with no attended key.
+    """
+    chunk = chunk or DEFAULT_CHUNK
+    Bq, N, H, _ = q.shape
+    B, M, _, Dv = v.shape
+    qf = q.float().transpose(1, 2)  # (Bq, H, N, D)
+    m_i = torch.full((B, H, N), float("-inf"), device=q.device)
+    l_i = torch.zeros((B, H, N), device=q.device)
+    acc = torch.zeros((B, H, N, Dv), device=q.device)
+    for m0 in range(0, M, chunk):
+        m1 = min(m0 + chunk, M)
+        kc = k[:, m0:m1].float().transpose(1, 2)
+        vc = v[:, m0:m1].float().transpose(1, 2)
+        s = torch.matmul(qf, kc.transpose(-1, -2)) * scale  # (B, H, N, C)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, None, None, m0:m1], float("-inf"))
+        m_new = torch.maximum(m_i, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m_i - m_safe)
+        p = torch.exp(s - m_safe[..., None])
+        l_i = l_i * alpha + p.sum(-1)
+        if dropout_p > 0.0:
+            keep = dropout_keep_chunk(seed, m0, p.shape, dropout_p, p.device)
+            p = p * keep / (1.0 - dropout_p)
+        acc = acc * alpha[..., None] + torch.matmul(p, vc)
+        m_i = m_new
+    empty = l_i == 0
+    l_safe = torch.where(empty, torch.ones_like(l_i), l_i)
+    out = (acc / l_safe[..., None]).transpose(1, 2).to(q.dtype).contiguous()
+    lse = torch.where(empty, torch.full_like(l_i, float("inf")), m_i + torch.log(l_safe))
+    return out, lse.contiguous()
+
+
+def attention_bwd_chunked(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                          mask: Optional[Tensor] = None, seed: Optional[int] = None,
+                          dropout_p: float = 0.0, scale: float = 1.0,
+                          chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention-2 backward over key chunks in PyTorch, from the saved lse."""
+    chunk = chunk or DEFAULT_CHUNK
+    Bq, N, H, Dqk = q.shape
+    B, M, _, Dv = v.shape
+    qf = q.float().transpose(1, 2)
+    dof = do.float().transpose(1, 2)  # (B, H, N, Dv)
+    delta = (dof * out.float().transpose(1, 2)).sum(-1)  # (B, H, N)
+    dq = torch.zeros((B, H, N, Dqk), device=q.device)
+    dk = empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = empty(v.shape, device=v.device, dtype=v.dtype)
+    for m0 in range(0, M, chunk):
+        m1 = min(m0 + chunk, M)
+        kc = k[:, m0:m1].float().transpose(1, 2)
+        vc = v[:, m0:m1].float().transpose(1, 2)
+        s = torch.matmul(qf, kc.transpose(-1, -2)) * scale
+        p = torch.exp(s - lse[..., None])
+        if mask is not None:
+            p = p.masked_fill(~mask[:, None, None, m0:m1], 0.0)
+        dp = torch.matmul(dof, vc.transpose(-1, -2))
+        pz = p
+        if dropout_p > 0.0:
+            z = dropout_keep_chunk(seed, m0, p.shape, dropout_p, p.device) / (1.0 - dropout_p)
+            pz = p * z
+            dp = dp * z
+        ds = p * (dp - delta[..., None])
+        dv[:, m0:m1] = torch.matmul(pz.transpose(-1, -2), dof).transpose(1, 2).to(v.dtype)
+        dk[:, m0:m1] = (torch.matmul(ds.transpose(-1, -2), qf.expand(B, -1, -1, -1)) * scale).transpose(1, 2).to(k.dtype)
+        dq += torch.matmul(ds, kc) * scale
+    if Bq == 1:
+        dq = dq.sum(0, keepdim=True)
+    return dq.transpose(1, 2).to(q.dtype).contiguous(), dk, dv
