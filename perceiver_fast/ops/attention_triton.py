@@ -739,7 +739,7 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
         return out, lse
     check_grid(B, H)
     plan = forward_plan(N, M, Dqk, Dv, q.dtype, B, H, num_splits, q.device)
-    (k, v), use_tma = plan_alignment((k, v), repack=repack)
+    (q, k, v), use_tma = plan_alignment((q, k, v), repack=repack)
     if use_tma:
         _ensure_tma_allocator()
     mask_t, stride_maskb, has_mask = _mask_args(mask, q)
