@@ -305,14 +305,14 @@ def test_forward_plan_splits_from_real_tiles():
 def test_autotune_pruning_fits_shared_memory(monkeypatch):
     """No forward config the autotuner keeps needs more shared memory than sm_90 has, nor >128 acc registers."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    configs = AT._fwd_configs()  # the GPU list
+    configs = AT.fwd_configs()  # the GPU list
     assert len(configs) > 1
     for d in (64, 128, 256, 261, 322, 512, 1024):
         for dtype in (torch.bfloat16, torch.float32):
             budget = AT.dim_budget(dtype)
             qk, vp = AT.plan_dim(d, budget), AT.plan_dim(d, budget)
             kw = dict(DQK0=qk.main, DQK1=qk.tail, QK_RESIDENT=qk.resident, DV0=vp.main, DV1=vp.tail)
-            kept = AT._prune_fwd(configs, {"Q": torch.empty(0, dtype=dtype)}, **kw)
+            kept = AT.prune_fwd_configs(configs, {"Q": torch.empty(0, dtype=dtype)}, **kw)
             assert kept, (d, dtype)
             for c in kept:
                 assert AT.fwd_smem_estimate(c, kw, torch.empty(0, dtype=dtype).element_size()) <= AT.SMEM_BUDGET
@@ -336,7 +336,7 @@ def test_backward_column_tiles(case, monkeypatch):
     """
     block_dt, Bq, B, N, M, H, Dqk, Dv, masked, p = case
     cfg = triton_config(BLOCK_N=16, BLOCK_M=16, BLOCK_D=32, BLOCK_DT=block_dt, num_warps=4)
-    for kernel in (AT._attn_bwd_dkdv_kernel, AT._attn_bwd_dq_kernel):
+    for kernel in (AT.attn_bwd_dkdv_kernel, AT.attn_bwd_dq_kernel):
         monkeypatch.setattr(kernel, "configs", [cfg])
         monkeypatch.setattr(kernel, "cache", {})
     KNOBS["backend"] = "triton"

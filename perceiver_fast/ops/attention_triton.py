@@ -41,6 +41,7 @@ import triton.language as tl
 from perceiver_fast.ops.backend import empty, interpreter_enabled, seed_to_int
 
 LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)  # the same constant, as kernels must see module globals
 SMEM_BUDGET = 232_448  # bytes of shared memory per block on sm_90 (227 KB)
 # Query rows per forward / dQ program. Fixed (not autotuned) so that the split
 # count can be sized from the real tile count before launch.
@@ -100,7 +101,7 @@ def bucket(x: int) -> int:
 # The key holds the head-dim plan (constexprs), alignment (USE_TMA) and buckets
 # of N and M, so the learned, fourier and conv shapes get their own winners.
 # ---------------------------------------------------------------------------
-def _fwd_configs():
+def fwd_configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": INTERPRET_BLOCK}, num_warps=4, num_stages=1)]
     return [
@@ -132,7 +133,7 @@ def _acc_regs(rows: int, cols: int, num_warps: int) -> int:
     return rows * cols // (32 * num_warps)
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+def prune_fwd_configs(configs, named_args, **kwargs):
     kw = {**named_args, **kwargs}
     if interpreter_enabled():
         return configs
@@ -143,7 +144,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-def _bwd_configs():
+def bwd_configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK, "BLOCK_D": 64,
                                "BLOCK_DT": 64}, num_warps=4, num_stages=1)]
@@ -155,7 +156,7 @@ def _bwd_configs():
     ]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
+def prune_bwd_configs(configs, named_args, **kwargs):
     kw = {**named_args, **kwargs}
     if interpreter_enabled():
         return configs
@@ -230,12 +231,12 @@ def dropout_keep(seed, bh, offs_n, offs_m, N, M, dropout_p):
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
-@triton.autotune(configs=_fwd_configs(),
+@triton.autotune(configs=fwd_configs(),
                  key=["N_BUCKET", "M_BUCKET", "DQK0", "DQK1", "QK_RESIDENT", "DV0", "DV1", "USE_TMA", "SPLIT",
                       "HAS_MASK", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_fwd})
+                 prune_configs_by={"early_config_prune": prune_fwd_configs})
 @triton.jit
-def _attn_fwd_kernel(
+def attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse, seed,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
@@ -329,7 +330,7 @@ def _attn_fwd_kernel(
 
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
-    lse = (m_i + tl.math.log2(l_safe)) / LOG2E
+    lse = (m_i + tl.math.log2(l_safe)) / LOG2E_C
     if SPLIT:
         lse = tl.where(empty_row, float("-inf"), lse)
     else:
@@ -424,10 +425,10 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + pid_bh * N + offs_n, delta, mask=n_ok)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
-                 prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": prune_bwd_configs})
 @triton.jit
-def _attn_bwd_dkdv_kernel(
+def attn_bwd_dkdv_kernel(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV, seed,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
@@ -479,7 +480,7 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf"))
         st = _dot_rows(k_base, k_desc, m_start, M, stride_km, q_base, q_desc, n0, N, stride_qn, Dqk,
                        BLOCK_M, BLOCK_N, BLOCK_D, USE_TMA, PRECISION)
-        pt = tl.math.exp2(st * scale_log2 - (lse * LOG2E)[None, :])
+        pt = tl.math.exp2(st * scale_log2 - (lse * LOG2E_C)[None, :])
         pt = tl.where(key_ok[:, None], pt, 0.0)
         if DROPOUT:
             keep_t = tl.trans(dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p))
@@ -508,10 +509,10 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=m_ok & (cols[None, :] < Dv))
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
-                 prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": prune_bwd_configs})
 @triton.jit
-def _attn_bwd_dq_kernel(
+def attn_bwd_dq_kernel(
     Q, K, V, Mask, DO, Lse, Delta, DQ, seed,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
@@ -545,7 +546,7 @@ def _attn_bwd_dq_kernel(
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     mask_base = Mask + b * stride_maskb
-    lse_log2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf")) * LOG2E
+    lse_log2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf")) * LOG2E_C
     delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
@@ -745,16 +746,20 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
     mask_t, stride_maskb, has_mask = _mask_args(mask, q)
     splits = plan["num_splits"]
     split = splits > 1
+    # The kernel stores rows of 16-element multiples: unaligned output rows would cost
+    # per-element addresses and, at 322 columns, register spills (sm90 report).
+    dv_pad = triton.cdiv(Dv, 16) * 16
     if split:
-        target = empty((splits, B, N, H, Dv), device=q.device, dtype=torch.float32)
+        target = empty((splits, B, N, H, dv_pad), device=q.device, dtype=torch.float32)[..., :Dv]
         target_lse = empty((splits, B, H, N), device=q.device, dtype=torch.float32)
         so, sl = target.stride(), target_lse.stride(0)
     else:
-        target, target_lse = out, lse
-        so, sl = (0,) + out.stride(), 0
+        target = out if dv_pad == Dv else empty((B, N, H, dv_pad), device=q.device, dtype=q.dtype)[..., :Dv]
+        target_lse = lse
+        so, sl = (0,) + target.stride(), 0
     qk, vp, block_n = plan["qk"], plan["v"], plan["block_n"]
     grid = (triton.cdiv(N, block_n), B * H, splits * plan["dv_tiles"])
-    _attn_fwd_kernel[grid](
+    attn_fwd_kernel[grid](
         q, k, v, mask_t, target, target_lse, seed_to_int(seed),
         q.stride(0) if Bq > 1 else 0, q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -779,6 +784,8 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
             H, N, Dv, splits,
             BLOCK_N=block_n, BLOCK_DV=block_dv,
         )
+    elif target is not out:
+        out.copy_(target)
     return out, lse
 
 
@@ -818,7 +825,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     )
     grid_kv = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H,
                             max(triton.cdiv(Dqk, meta["BLOCK_DT"]), triton.cdiv(Dv, meta["BLOCK_DT"])))
-    _attn_bwd_dkdv_kernel[grid_kv](
+    attn_bwd_dkdv_kernel[grid_kv](
         q, k, v, mask_t, do, lse, delta, dk, dv, seed_v,
         *common,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -838,7 +845,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         dq_buf = empty(q.shape, device=q.device, dtype=q.dtype)
         sdq = (0,) + dq_buf.stride()
     grid_q = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H, splits * triton.cdiv(Dqk, meta["BLOCK_DT"]))
-    _attn_bwd_dq_kernel[grid_q](
+    attn_bwd_dq_kernel[grid_q](
         q, k, v, mask_t, do, lse, delta, dq_buf, seed_v,
         *common,
         sdq[0], sdq[1], sdq[2], sdq[3],

@@ -1,0 +1,259 @@
+"""sm_90 compile report of the attention kernels, made with the GPU machine's toolchain, no GPU needed.
+
+For every attention shape of the bench (perceiver_fast/bench/shapes.py), forward and
+backward, bf16, it compiles each config the autotuner would try (after its pruning) for
+sm_90 with triton 3.6.0 and that triton's ptxas, and reads from the PTX, ``ptxas -v``
+and the metadata:
+
+* ``dot``: wgmma (``wgmma.mma_async``), mma.sync, or fma (no tensor-core instruction);
+* ``kv_loads``: tma (``cp.async.bulk.tensor``), cp.async, or ld.global;
+* ``regs``, ``spills`` (spill store + load bytes), ``smem`` (bytes of shared memory).
+
+Usage::
+
+    python benchmarks/sm90_report.py --json sm90.json [--shapes pio-learned,pio-conv] [--check]
+
+triton 3.6.0 is installed into a side folder on first use (``pip install --target``,
+about 640 MB; ``--toolchain DIR`` or $PERCEIVER_FAST_SM90_TOOLCHAIN picks it), and the
+script re-runs itself with that triton first on its path. ``--check`` exits 1 unless
+every cross-attention entry (pio-learned, pio-fourier, pio-conv) has dot wgmma, K/V by
+TMA or cp.async, no spills and shared memory within sm_90's 232,448 bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+TRITON_VERSION = "3.6.0"
+DEFAULT_TOOLCHAIN = os.path.join(os.path.expanduser("~"), ".cache", "perceiver_fast", f"triton-{TRITON_VERSION}")
+CHECKED_SHAPES = ("pio-learned", "pio-fourier", "pio-conv")
+SMEM_LIMIT = 232_448
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ensure_toolchain(folder: str) -> None:
+    """Install triton==3.6.0 into ``folder`` (no deps) unless it is there."""
+    if os.path.isdir(os.path.join(folder, "triton")):
+        return
+    os.makedirs(folder, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", folder,
+                    f"triton=={TRITON_VERSION}"], check=True)
+
+
+def _reexec_with_toolchain(args) -> int:
+    folder = args.toolchain
+    ensure_toolchain(folder)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([folder, ROOT, env.get("PYTHONPATH", "")])
+    env["PERCEIVER_FAST_SM90_CHILD"] = "1"
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env).returncode
+
+
+# ---------------------------------------------------------------------------
+# In the child: compile and read
+# ---------------------------------------------------------------------------
+def _compile(kernel, args: dict, consts: dict, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    full = {**args, **consts}
+    ordered = [full[n] for n in fn.arg_names]
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*ordered, num_warps=num_warps, num_stages=num_stages)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, {"num_warps": num_warps, "num_stages": num_stages}, bound, spec, opts)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _ptxas(ptx: str):
+    from triton.backends.nvidia import compiler as nv
+
+    import inspect
+
+    get = nv.get_ptxas
+    ptxas = (get(90) if "arch" in str(inspect.signature(get)) else get()).path
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        p = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", src, "-o", src + ".o"], capture_output=True, text=True)
+    log = p.stdout + p.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else None,
+            int(spill.group(1)) + int(spill.group(2)) if spill else None,
+            os.path.basename(ptxas), log)
+
+
+def _ptxas_version() -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    import inspect
+
+    get = nv.get_ptxas
+    ptxas = (get(90) if "arch" in str(inspect.signature(get)) else get()).path
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else out.strip()[-40:]
+
+
+def classify(ptx: str) -> tuple:
+    """(dot, kv_loads) from a kernel's PTX."""
+    dot = "wgmma" if "wgmma.mma_async" in ptx and "mma.sync" not in ptx else \
+        "mma.sync" if "mma.sync" in ptx else "fma"
+    if "cp.async.bulk.tensor" in ptx:
+        loads = "tma"
+    elif re.search(r"cp\.async\.c[ag]", ptx):
+        loads = "cp.async"
+    else:
+        loads = "ld.global"
+    return dot, loads
+
+
+def _cfg_name(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" warps={cfg.num_warps} stages={cfg.num_stages}"
+
+
+def _strides(B, S, H, D, row=None):
+    row = row or H * D
+    return S * row, row, D
+
+
+def _entries_for(shape, AT, torch, MockTensor):
+    """(kernel name, direction, kernel, args, consts, configs) for one bench shape."""
+    import triton
+
+    dt = torch.bfloat16
+    dev = torch.device("cpu")
+    B, H, N, M, Dqk, Dv = shape.B, shape.H, shape.N, shape.M, shape.Dqk, shape.Dv
+    # The op hands the kernels 16-byte aligned K/V: our layers' padded layout, or its repack of a
+    # user's unaligned rows (plan_alignment), so every shape compiles with USE_TMA.
+    pad = lambda d: triton.cdiv(d, 8) * 8  # noqa: E731
+    qs = _strides(B, N, H, pad(Dqk))
+    ks = _strides(B, M, H, pad(Dqk))
+    vs = _strides(B, M, H, pad(Dv))
+    os_ = _strides(B, N, H, triton.cdiv(Dv, 16) * 16)  # the launcher's padded output rows
+    plan = AT.forward_plan(N, M, Dqk, Dv, dt, B, H, 0, dev)
+    split = plan["num_splits"] > 1
+    qk, vp = plan["qk"], plan["v"]
+    fwd_args = dict(
+        Q=MockTensor(dt), K=MockTensor(dt), V=MockTensor(dt), Mask=MockTensor(dt),
+        Out=MockTensor(torch.float32 if split else dt), Lse=MockTensor(torch.float32), seed=0,
+        stride_qb=qs[0] if shape.Bq > 1 else 0, stride_qn=qs[1], stride_qh=qs[2],
+        stride_kb=ks[0], stride_km=ks[1], stride_kh=ks[2], stride_vb=vs[0], stride_vm=vs[1], stride_vh=vs[2],
+        stride_maskb=0, stride_os=os_[0] * B if split else 0, stride_ob=os_[0], stride_on=os_[1],
+        stride_oh=os_[2], stride_ls=B * H * N if split else 0,
+        H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, keys_per_split=plan["keys_per_split"], scale_log2=0.1, dropout_p=0.0,
+        N_BUCKET=AT.bucket(N), M_BUCKET=AT.bucket(M))
+    fwd_consts = dict(HAS_MASK=False, DROPOUT=False, SPLIT=split, PRECISION="ieee", USE_TMA=True,
+                      QK_RESIDENT=qk.resident, DQK0=qk.main, DQK1=qk.tail, DV0=vp.main, DV1=vp.tail,
+                      BLOCK_N=plan["block_n"])
+    kernel = AT.attn_fwd_kernel
+    fwd_cfgs = AT.prune_fwd_configs(kernel.configs, {"Q": MockTensor(dt)}, **fwd_consts)
+    yield "attn_fwd", "fwd", kernel, fwd_args, fwd_consts, fwd_cfgs
+
+    bwd_common = dict(
+        Q=MockTensor(dt), K=MockTensor(dt), V=MockTensor(dt), Mask=MockTensor(dt), DO=MockTensor(dt),
+        Lse=MockTensor(torch.float32), Delta=MockTensor(torch.float32), seed=0,
+        stride_qb=qs[0] if shape.Bq > 1 else 0, stride_qn=qs[1], stride_qh=qs[2],
+        stride_kb=ks[0], stride_km=ks[1], stride_kh=ks[2], stride_vb=vs[0], stride_vm=vs[1], stride_vh=vs[2],
+        stride_maskb=0, stride_dob=_strides(B, N, H, pad(Dv))[0], stride_don=_strides(B, N, H, pad(Dv))[1],
+        stride_doh=_strides(B, N, H, pad(Dv))[2],
+        H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, scale=0.1, scale_log2=0.1, dropout_p=0.0,
+        N_BUCKET=AT.bucket(N), M_BUCKET=AT.bucket(M), DQK_BUCKET=AT.bucket(Dqk), DV_BUCKET=AT.bucket(Dv))
+    bwd_consts = dict(HAS_MASK=False, DROPOUT=False, PRECISION="ieee", USE_TMA=True)
+    dkdv = dict(bwd_common, DK=MockTensor(dt), DV=MockTensor(dt), stride_dkb=ks[0], stride_dkm=ks[1],
+                stride_dkh=ks[2], stride_dvb=vs[0], stride_dvm=vs[1], stride_dvh=vs[2])
+    dq = dict(bwd_common, DQ=MockTensor(torch.float32), stride_dqs=B * N * H * Dqk, stride_dqb=N * H * Dqk,
+              stride_dqn=H * Dqk, stride_dqh=Dqk, keys_per_split=plan["keys_per_split"])
+    for name, kern, args in (("attn_bwd_dkdv", AT.attn_bwd_dkdv_kernel, dkdv), ("attn_bwd_dq", AT.attn_bwd_dq_kernel, dq)):
+        cfgs = AT.prune_bwd_configs(kern.configs, args)
+        yield name, "bwd", kern, args, bwd_consts, cfgs
+
+
+def run_report(shape_names) -> dict:
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    import triton
+    from triton.runtime.jit import MockTensor
+
+    from perceiver_fast.bench.shapes import ATTN_SHAPES
+    from perceiver_fast.ops import attention_triton as AT
+
+    shapes = [s for s in ATTN_SHAPES if shape_names is None or s.name in shape_names]
+    entries = []
+    for shape in shapes:
+        for kname, direction, kernel, args, consts, cfgs in _entries_for(shape, AT, torch, MockTensor):
+            for cfg in cfgs:
+                entry = dict(kernel=kname, shape=shape.name, direction=direction, config=_cfg_name(cfg))
+                t0 = time.time()
+                try:
+                    c = _compile(kernel, args, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+                    ptx = c.asm["ptx"]
+                    dot, loads = classify(ptx)
+                    regs, spills, _, _ = _ptxas(ptx)
+                    entry.update(dot=dot, kv_loads=loads, regs=regs, spills=spills, smem=int(c.metadata.shared))
+                except Exception as e:  # a config that does not compile is a finding, not a crash
+                    entry.update(dot=None, kv_loads=None, regs=None, spills=None, smem=None,
+                                 error=f"{type(e).__name__}: {str(e)[-300:]}")
+                entry["compile_s"] = round(time.time() - t0, 1)
+                print(f"{entry['shape']:>12} {kname:>14} {entry['config']:<48} {entry.get('dot')} {entry.get('kv_loads')} "
+                      f"regs={entry.get('regs')} spills={entry.get('spills')} smem={entry.get('smem')} "
+                      f"{entry.get('error', '')[:200]}", flush=True)
+                entries.append(entry)
+    return {"toolchain": {"triton": triton.__version__, "ptxas": _ptxas_version()}, "entries": entries}
+
+
+def failures(report: dict) -> list:
+    """Entries of the checked cross-attention shapes that miss wgmma / async K/V / no spills / smem."""
+    bad = []
+    for e in report["entries"]:
+        if e["shape"] not in CHECKED_SHAPES:
+            continue
+        ok = (e.get("dot") == "wgmma" and e.get("kv_loads") in ("tma", "cp.async") and e.get("spills") == 0
+              and e.get("smem") is not None and e["smem"] <= SMEM_LIMIT)
+        if not ok:
+            bad.append(e)
+    return bad
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, help="where to write the report")
+    p.add_argument("--shapes", default=None, help="comma-separated bench shape names (default: all)")
+    p.add_argument("--toolchain", default=os.environ.get("PERCEIVER_FAST_SM90_TOOLCHAIN", DEFAULT_TOOLCHAIN),
+                   help="folder holding triton==3.6.0 (installed there if missing)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a checked cross-attention entry misses the bar")
+    args = p.parse_args(argv)
+    if os.environ.get("PERCEIVER_FAST_SM90_CHILD") != "1":
+        return _reexec_with_toolchain(args)
+    import triton
+
+    if triton.__version__ != TRITON_VERSION:
+        print(f"sm90_report: expected triton {TRITON_VERSION} from {args.toolchain}, got {triton.__version__}",
+              file=sys.stderr)
+        return 2
+    names = set(args.shapes.split(",")) if args.shapes else None
+    report = run_report(names)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    bad = failures(report)
+    print(f"sm90_report: {len(report['entries'])} entries, {len(bad)} below the bar on {', '.join(CHECKED_SHAPES)}")
+    for e in bad:
+        print("  " + json.dumps(e))
+    return 1 if (args.check and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
