@@ -284,6 +284,13 @@ def test_tma_and_pointer_paths_agree(dqk, dv, row_pad):
     torch.testing.assert_close(outs[True][0].double(), ref, atol=2e-5, rtol=1e-5)
 
 
+def test_repack_copies_a_shared_k_v_once():
+    """Under projection folding k is v: the unaligned tensor is repacked once and both views share it."""
+    x = torch.randn(2, 9, 1, 261)
+    (k, v), use_tma = AT.plan_alignment((x, x), repack=True)
+    assert use_tma and k.data_ptr() == v.data_ptr() != x.data_ptr() and torch.equal(k, x)
+
+
 def test_aligned_copy_pads_rows_to_16_bytes():
     x = torch.randn(2, 5, 1, 261, dtype=torch.float16)
     y = AT.aligned_copy(x)

@@ -677,7 +677,17 @@ def plan_alignment(tensors, *, repack: Optional[bool] = None):
         repack = tensors[0].is_cuda
     if not repack:
         return tensors, False
-    return [t if _tma_aligned(t) else aligned_copy(t) for t in tensors], True
+    copies = {}  # k is v under projection folding: copy the shared tensor once
+    out = []
+    for t in tensors:
+        if _tma_aligned(t):
+            out.append(t)
+            continue
+        key = (t.data_ptr(), tuple(t.shape), t.stride())
+        if key not in copies:
+            copies[key] = aligned_copy(t)
+        out.append(copies[key])
+    return out, True
 
 
 _allocator_set = False
