@@ -7,12 +7,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 mp = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
 
+from helpers import count_fused_calls  # noqa: E402
 from perceiver_fast.integrations import (  # noqa: E402
     hf_state_dict,
     patch_hf_perceiver,
     perceiver_io_from_hf,
     perceiver_io_from_hf_config,
+    register_hf_perceiver_patch,
     unpatch_hf_perceiver,
+    unregister_hf_perceiver_patch,
 )
 from perceiver_fast.models import PerceiverIO  # noqa: E402
 
@@ -21,6 +24,10 @@ VARIANTS = {
     "fourier": (transformers.PerceiverForImageClassificationFourier, 8),
     "conv": (transformers.PerceiverForImageClassificationConvProcessing, 12),
 }
+
+
+# _hf's models: the encoder cross-attention, num_blocks=2 latent self-attentions, the decoder cross-attention
+FUSED_PER_FORWARD = 4
 
 
 def _hf(kind, dropout=0.0, **overrides):
@@ -99,8 +106,10 @@ def test_patch_hf_perceiver_eval_logits_equal(kind):
     assert type(patched.perceiver.encoder.cross_attention.attention.self).__name__ == "FastPerceiverSelfAttention"
     assert list(patched.state_dict()) == list(hf.state_dict())
     x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        torch.testing.assert_close(patched(inputs=x).logits, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD
+    torch.testing.assert_close(got, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
     unpatch_hf_perceiver(patched)
     assert type(patched.perceiver.encoder.cross_attention.attention.self) is mp.PerceiverSelfAttention
 
@@ -114,7 +123,9 @@ def test_patch_hf_perceiver_training_gradients_and_mask():
     mask = torch.ones(2, size * size)
     mask[1, 40:] = 0  # key padding of the inputs
     out_hf = hf(inputs=x, labels=y, attention_mask=mask)
-    out_p = patched(inputs=x, labels=y, attention_mask=mask)
+    with count_fused_calls() as calls:
+        out_p = patched(inputs=x, labels=y, attention_mask=mask)
+    assert calls.attention_fwd == FUSED_PER_FORWARD
     torch.testing.assert_close(out_p.logits, out_hf.logits, rtol=1e-4, atol=1e-5)
     out_hf.loss.backward()
     out_p.loss.backward()
@@ -156,7 +167,9 @@ def test_output_attentions_falls_back_to_hf():
     hf.eval()
     patched = patch_hf_perceiver(copy.deepcopy(hf))
     x = torch.randn(1, 3, size, size)
-    out = patched(inputs=x, output_attentions=True)
+    with count_fused_calls() as calls:
+        out = patched(inputs=x, output_attentions=True)
+    assert calls.attention_fwd == 0
     assert out.cross_attentions[0].shape == (1, 1, 4, size * size)
     torch.testing.assert_close(out.logits, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
 
@@ -187,9 +200,10 @@ def test_patch_text_models_multihead_and_padding():
     for cls in (transformers.PerceiverForMaskedLM, transformers.PerceiverForSequenceClassification):
         hf = cls(transformers.PerceiverConfig(**cfg)).eval()
         patched = patch_hf_perceiver(copy.deepcopy(hf))
-        with torch.no_grad():
-            want = hf(inputs=ids, attention_mask=mask).logits
-            torch.testing.assert_close(patched(inputs=ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad(), count_fused_calls() as calls:
+            got = patched(inputs=ids, attention_mask=mask).logits
+        assert calls.attention_fwd == 3  # encoder cross, one self-attention, decoder cross
+        torch.testing.assert_close(got, hf(inputs=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_parameter_count_matches_hf_learned():
@@ -205,3 +219,87 @@ def test_parameter_count_matches_hf_learned():
     assert {k: v.shape for k, v in from_cfg.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
     conv = perceiver_io_from_hf_config(cfg, "conv", image_size=16)
     assert conv.preprocessor.max_resolution == (56, 56)
+
+
+def _patched_pair(kind="learned", dtype=torch.float32):
+    hf, size = _hf(kind)
+    hf = hf.to(dtype).eval()
+    return hf, patch_hf_perceiver(copy.deepcopy(hf)), torch.randn(2, 3, size, size, dtype=dtype), size * size
+
+
+@pytest.mark.parametrize("bias", [-30.0, -1e4, 0.5])
+def test_soft_additive_masks_fall_back_to_hf(bias):
+    """A 4-D additive mask whose values are not HF's 0 / finfo.min (soft biases) is HF's to apply: the encoder
+    cross-attention falls back (the other 3 attentions stay fused) and the logits are HF's."""
+    hf, patched, x, m = _patched_pair()
+    mask = torch.zeros(2, 1, 1, m)
+    mask[1, ..., m // 2:] = bias
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+        want = hf(inputs=x, attention_mask=mask).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD - 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_style_4d_mask_runs_fused():
+    hf, patched, x, m = _patched_pair()
+    mask = torch.zeros(2, 1, 4, m)  # one row per latent, all equal
+    mask[0, ..., 7:] = torch.finfo(torch.float32).min
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD
+    torch.testing.assert_close(got, hf(inputs=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+    mask[0, 0, 1, 3] = torch.finfo(torch.float32).min  # differs between queries: not a key padding mask
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD - 1
+    torch.testing.assert_close(got, hf(inputs=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_fully_padded_sample_gets_hfs_uniform_answer():
+    """HF's softmax over a sample whose inputs are all padded is uniform (the mean of V), not the op's zeros;
+    the patch gives HF's answer and the call stays fused."""
+    hf, patched, x, m = _patched_pair()
+    mask = torch.ones(2, m)
+    mask[0, 5:] = 0
+    mask[1] = 0
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+        want = hf(inputs=x, attention_mask=mask).logits
+        ref_zero = patched(inputs=x[1:], attention_mask=torch.zeros(1, m)).logits
+    assert calls.attention_fwd == 2 * FUSED_PER_FORWARD
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref_zero, want[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_float64_models_run_hfs_code():
+    hf, patched, x, _ = _patched_pair(dtype=torch.float64)
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x).logits
+    assert calls.attention_fwd == 0 and got.dtype == torch.float64
+    torch.testing.assert_close(got, hf(inputs=x).logits)
+
+
+def test_register_hf_perceiver_patch_at_load_time():
+    """register_hf_perceiver_patch: models built by _from_config afterwards are born patched (fused ops run),
+    the in-place patch still works on them, and unregistering restores HF's classes."""
+    hf, size = _hf("fourier")
+    hf.eval()
+    x = torch.randn(2, 3, size, size)
+    register_hf_perceiver_patch(fold=True)
+    try:
+        register_hf_perceiver_patch(fold=True)  # idempotent
+        born = transformers.PerceiverForImageClassificationFourier._from_config(hf.config).eval()
+    finally:
+        unregister_hf_perceiver_patch()
+    attn = born.perceiver.encoder.cross_attention.attention.self
+    assert type(attn).__name__ == "FastPerceiverSelfAttention" and attn._pf_fold is True
+    assert type(born.perceiver.input_preprocessor).__name__ == "FastPerceiverImagePreprocessor"
+    born.load_state_dict(hf.state_dict())
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = born(inputs=x).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD
+    torch.testing.assert_close(got, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+    assert patch_hf_perceiver(born) is born and type(attn).__name__ == "FastPerceiverSelfAttention"
+    plain = transformers.PerceiverForImageClassificationFourier._from_config(hf.config)
+    assert type(plain.perceiver.encoder.cross_attention.attention.self) is mp.PerceiverSelfAttention

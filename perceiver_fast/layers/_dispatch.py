@@ -20,6 +20,16 @@ from perceiver_fast.ops.reference import attention_reference, fourier_encode_ref
 ATTENTION_MODES = ("fused", "eager")
 
 
+# The dtypes the fused attention ops take (perceiver_fast.ops.attention checks the same list); integrations
+# send other dtypes (float64) to the library's own code instead.
+FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fused_attention_takes(attention: str, dtype: torch.dtype) -> bool:
+    """Whether ``attention`` can run on tensors of ``dtype`` (the eager reference takes every float dtype)."""
+    return attention != "fused" or dtype in FUSED_ATTENTION_DTYPES
+
+
 def check_attention(attention: str) -> str:
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
