@@ -3,11 +3,14 @@
 ``patch_timm_vit(model, attention="fused")`` replaces the forward of every
 timm ``Attention``-like module (attributes ``qkv`` (Linear dim -> 3*H*D),
 ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``, ``attn_drop``,
-``proj``, ``proj_drop``, optionally ``norm``; no parameters of its own) with the fused self-attention:
+``proj``, ``proj_drop``, optionally ``norm`` and ``gate``; no parameters of its own) with the fused
+self-attention:
 the qkv output is viewed as (B, N, 3, H, D) and its strided q/k/v views go
 straight to :func:`perceiver_fast.ops.attention.self_attention` (no permute,
-no copy). Weights and state_dict are untouched. Calls with an ``attn_mask``
-fall back to timm's own forward. ``unpatch_timm_vit`` restores it. timm
+no copy). Weights and state_dict are untouched. timm's blocks call
+``attn(x, attn_mask=None, is_causal=False)``: those run fused; an actual mask,
+``is_causal=True``, any other argument, or a dtype the fused ops do not take
+(float64) run timm's own forward. ``unpatch_timm_vit`` restores it. timm
 itself is not imported: any module with that structure is patched.
 
 ``vit_from_timm(timm_vit)`` converts a timm VisionTransformer to our
@@ -34,9 +37,22 @@ def is_timm_attention(module: nn.Module) -> bool:
             and next(module.parameters(recurse=False), None) is None)
 
 
-def _fast_forward(self, x: torch.Tensor, attn_mask=None, **kwargs):
-    if attn_mask is not None or kwargs:
-        return getattr(self, _ORIG)(x, attn_mask=attn_mask, **kwargs)
+# The arguments timm's blocks pass (``self.attn(x, attn_mask=None, is_causal=False)``), in positional order,
+# with the values that ask for plain self-attention; any other value runs timm's own forward.
+_PLAIN_CALL = {"attn_mask": None, "is_causal": False}
+
+
+def _asks_for_plain_attention(args: tuple, kwargs: dict) -> bool:
+    named = dict(zip(_PLAIN_CALL, args))
+    if len(args) > len(_PLAIN_CALL) or any(key in named for key in kwargs):
+        return False  # more arguments than timm's, or one given twice: timm's forward reports it
+    named.update(kwargs)
+    return all(key in _PLAIN_CALL and value is _PLAIN_CALL[key] for key, value in named.items())
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs):
+    if not _asks_for_plain_attention(args, kwargs) or not _dispatch.fused_attention_takes(self._pf_attention, x.dtype):
+        return getattr(self, _ORIG)(x, *args, **kwargs)  # masks, causal attention, float64: timm's own code
     b, n, _ = x.shape
     h = self.num_heads
     d = getattr(self, "head_dim", self.qkv.out_features // (3 * h))
@@ -54,6 +70,9 @@ def _fast_forward(self, x: torch.Tensor, attn_mask=None, **kwargs):
     norm = getattr(self, "norm", None)
     if norm is not None:
         o = norm(o)
+    gate = getattr(self, "gate", None)  # timm's gated attention: sigmoid(gate(x)) scales the heads' output
+    if gate is not None:
+        o = o * gate(x).sigmoid()
     return self.proj_drop(self.proj(o))
 
 
