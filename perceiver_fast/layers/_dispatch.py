@@ -44,7 +44,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     _ATTENTION_IMPORT_ERROR = _exc
 
 
-def _fused_ops():
+def fused_ops():
+    """perceiver_fast.ops.attention, or an ImportError that says why the Triton kernels are unavailable."""
     if _attention_ops is None:  # pragma: no cover
         raise ImportError(
             "attention='fused' needs perceiver_fast.ops.attention (the Triton kernels), which could not be "
@@ -69,7 +70,7 @@ def cross_attention(
     ``training`` flag).
     """
     if attention == "fused":
-        return _fused_ops().cross_attention(
+        return fused_ops().cross_attention(
             q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale
         )
     if q.shape[0] != k.shape[0]:
@@ -94,7 +95,7 @@ def self_attention(
     fused cross-attention op, which accepts any q/k/v of that layout.
     """
     if attention == "fused":
-        ops = _fused_ops()
+        ops = fused_ops()
         if q.shape[-1] > ops.MAX_HEAD_DIM_SELF or v.shape[-1] != q.shape[-1]:
             return ops.cross_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
         return ops.self_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
