@@ -36,17 +36,23 @@ def _padding_mask(batch=3, length=7):
     return mask
 
 
+def _bert_outputs(ref, ours, ids, mask):
+    """(reference output, our output, the fused calls of our forward), without autograd."""
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+        with count_fused_calls() as calls:
+            got = ours(ids, attention_mask=mask).last_hidden_state
+    return want, got, calls
+
+
 @pytest.mark.parametrize("reference", ["sdpa", "eager"])
 def test_bert_padding_mask_runs_fused(reference):
     """A 2-D padding mask reaches the kernel as a key-padding mask (head dim 12: not a multiple of 8), a fully
     padded sample included."""
     ref, ours = _pair(transformers.BertModel, _bert_config(), reference)
     ids = torch.randint(0, 50, (3, 7))
-    mask = _padding_mask()
+    want, got, calls = _bert_outputs(ref, ours, ids, _padding_mask())
     with torch.no_grad():
-        want = ref(ids, attention_mask=mask).last_hidden_state
-        with count_fused_calls() as calls:
-            got = ours(ids, attention_mask=mask).last_hidden_state
         unmasked = ours(ids).last_hidden_state
     assert calls.attention_fwd == LAYERS
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -93,12 +99,7 @@ def test_causal_decoder_falls_back_to_sdpa():
     """BERT as a causal decoder: the mask function hands sdpa's causal mask through and the attention function
     gives it to sdpa; the fused op does not run."""
     ref, ours = _pair(transformers.BertModel, _bert_config(is_decoder=True))
-    ids = torch.randint(0, 50, (3, 7))
-    mask = _padding_mask()
-    with torch.no_grad():
-        want = ref(ids, attention_mask=mask).last_hidden_state
-        with count_fused_calls() as calls:
-            got = ours(ids, attention_mask=mask).last_hidden_state
+    want, got, calls = _bert_outputs(ref, ours, torch.randint(0, 50, (3, 7)), _padding_mask())
     assert calls.attention_fwd == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -108,17 +109,12 @@ def test_custom_4d_mask_and_float64_fall_back():
     ids = torch.randint(0, 50, (2, 5))
     bias = torch.zeros(2, 1, 5, 5)
     bias[0, 0, 2, 1] = -30.0  # differs between queries and is soft: only sdpa can apply it
-    with torch.no_grad():
-        want = ref(ids, attention_mask=bias).last_hidden_state
-        with count_fused_calls() as calls:
-            got = ours(ids, attention_mask=bias).last_hidden_state
-        assert calls.attention_fwd == 0
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        ref, ours = ref.double(), ours.double()
-        with count_fused_calls() as calls:
-            got = ours(ids).last_hidden_state
+    want, got, calls = _bert_outputs(ref, ours, ids, bias)
+    assert calls.attention_fwd == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want, got, calls = _bert_outputs(ref.double(), ours.double(), ids, None)
     assert calls.attention_fwd == 0 and got.dtype == torch.float64
-    torch.testing.assert_close(got, ref(ids).last_hidden_state)
+    torch.testing.assert_close(got, want)
 
 
 def test_register_is_idempotent_and_refuses_reserved_names():
