@@ -303,3 +303,20 @@ def test_register_hf_perceiver_patch_at_load_time():
     assert patch_hf_perceiver(born) is born and type(attn).__name__ == "FastPerceiverSelfAttention"
     plain = transformers.PerceiverForImageClassificationFourier._from_config(hf.config)
     assert type(plain.perceiver.encoder.cross_attention.attention.self) is mp.PerceiverSelfAttention
+
+
+def test_compiled_patch_keeps_hfs_answer_and_refuses_soft_masks_loudly():
+    """Under torch.compile the mask checks cannot branch: HF-style masks (a fully padded sample included) give
+    HF's answer, and a soft mask fails with an error instead of another answer than HF's."""
+    torch._dynamo.reset()
+    hf, patched, x, m = _patched_pair()
+    mask = torch.ones(2, m)
+    mask[0, 10:] = 0
+    mask[1] = 0
+    run = torch.compile(lambda x, mask: patched(inputs=x, attention_mask=mask).logits, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(run(x, mask), hf(inputs=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+        soft = torch.zeros(2, 1, 1, m)
+        soft[1, ..., m // 2:] = -30.0
+        with pytest.raises(RuntimeError, match="soft additive mask values"):
+            run(x, soft)
