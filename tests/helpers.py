@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
 from typing import Iterator, List
 
 import torch
@@ -41,3 +46,57 @@ def count_fused_calls() -> Iterator[FusedCalls]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         yield calls
     calls.events.extend(e.name for e in prof.events() if e.name.startswith("perceiver_fast::"))
+
+
+class _StubClass(type):
+    """A stand-in class: subclassable, usable in isinstance, attributes are enum-like names."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return f"{cls.__name__}.{name}"
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _StubClass(name, (), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+class _TorchvisionStubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def import_timm():
+    """timm, importable on CPU-only machines; skips the test when timm is not installed.
+
+    timm imports torchvision at module level (transforms, FrozenBatchNorm2d), and the registry has no CPU
+    build of torchvision. Its ViT never calls torchvision, so when torchvision is absent this installs a
+    test-only import hook that stubs it (for this test process only; the package never does this).
+    """
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (CI: pip install --no-deps timm)")
+    if not any(isinstance(f, _TorchvisionStubFinder) for f in sys.meta_path):
+        try:
+            has_torchvision = importlib.util.find_spec("torchvision") is not None
+        except ImportError:
+            has_torchvision = False
+        if not has_torchvision:
+            sys.meta_path.append(_TorchvisionStubFinder())
+    import timm
+
+    return timm

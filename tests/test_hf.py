@@ -1,4 +1,4 @@
-"""Parity with transformers' Perceiver: PerceiverIO.from_hf and patch_hf_perceiver (no network: random init)."""
+"""Parity with transformers' Perceiver: perceiver_io_from_hf and patch_hf_perceiver (no network: random init)."""
 import copy
 
 import pytest
@@ -7,15 +7,27 @@ import torch
 transformers = pytest.importorskip("transformers")
 mp = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
 
-from perceiver_fast.integrations import patch_hf_perceiver, unpatch_hf_perceiver  # noqa: E402
+from helpers import count_fused_calls  # noqa: E402
+from perceiver_fast.integrations import (  # noqa: E402
+    hf_state_dict,
+    patch_hf_perceiver,
+    perceiver_io_from_hf,
+    perceiver_io_from_hf_config,
+    register_hf_perceiver_patch,
+    unpatch_hf_perceiver,
+    unregister_hf_perceiver_patch,
+)
 from perceiver_fast.models import PerceiverIO  # noqa: E402
-from perceiver_fast.models._hf_convert import hf_state_dict  # noqa: E402
 
 VARIANTS = {
     "learned": (transformers.PerceiverForImageClassificationLearned, 8),
     "fourier": (transformers.PerceiverForImageClassificationFourier, 8),
     "conv": (transformers.PerceiverForImageClassificationConvProcessing, 12),
 }
+
+
+# _hf's models: the encoder cross-attention, num_blocks=2 latent self-attentions, the decoder cross-attention
+FUSED_PER_FORWARD = 4
 
 
 def _hf(kind, dropout=0.0, **overrides):
@@ -40,7 +52,7 @@ def _grads_as_ours(hf_model, kind):
 def test_from_hf_float64_eager_is_exact(kind):
     hf, size = _hf(kind)
     hf = hf.double().eval()
-    ours = PerceiverIO.from_hf(hf, attention="eager")
+    ours = perceiver_io_from_hf(hf, attention="eager")
     assert next(ours.parameters()).dtype == torch.float64 and not ours.training
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     # fourier/conv are not bit-exact: HF builds the Fourier features in float32 even for a float64
@@ -54,7 +66,7 @@ def test_from_hf_float64_eager_is_exact(kind):
 def test_from_hf_fused_logits_and_gradients(kind):
     hf, size = _hf(kind)
     hf.train()  # dropout is 0; conv's BatchNorm uses batch statistics in both
-    ours = PerceiverIO.from_hf(hf, attention="fused", fold=True)  # the folded path against HF's unfolded one
+    ours = perceiver_io_from_hf(hf, attention="fused", fold=True)  # the folded path against HF's unfolded one
     x = torch.randn(2, 3, size, size)
     y = torch.tensor([1, 3])
     hf_out = hf(inputs=x, labels=y)
@@ -76,15 +88,15 @@ def test_from_hf_follows_the_config():
     the attention dropout carries over, and an activation other than exact GELU is refused."""
     hf, size = _hf("learned", dropout=0.25, use_query_residual=False)
     hf.eval()
-    ours = PerceiverIO.from_hf(hf, attention="eager")
+    ours = perceiver_io_from_hf(hf, attention="eager")
     assert not ours.cross_attention.attn.use_query_residual
     assert ours.cross_attention.attn.dropout == 0.25 and ours.self_attends[0].dropout == 0.25
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(ours(x), hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
-    assert PerceiverIO.from_hf_config(hf.config).cross_attention.attn.use_query_residual is False
+    assert perceiver_io_from_hf_config(hf.config).cross_attention.attn.use_query_residual is False
     hf, _ = _hf("learned", hidden_act="relu")
     with pytest.raises(ValueError, match="hidden_act"):
-        PerceiverIO.from_hf(hf)
+        perceiver_io_from_hf(hf)
 
 @pytest.mark.parametrize("kind", sorted(VARIANTS))
 def test_patch_hf_perceiver_eval_logits_equal(kind):
@@ -94,8 +106,10 @@ def test_patch_hf_perceiver_eval_logits_equal(kind):
     assert type(patched.perceiver.encoder.cross_attention.attention.self).__name__ == "FastPerceiverSelfAttention"
     assert list(patched.state_dict()) == list(hf.state_dict())
     x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        torch.testing.assert_close(patched(inputs=x).logits, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD
+    torch.testing.assert_close(got, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
     unpatch_hf_perceiver(patched)
     assert type(patched.perceiver.encoder.cross_attention.attention.self) is mp.PerceiverSelfAttention
 
@@ -109,7 +123,9 @@ def test_patch_hf_perceiver_training_gradients_and_mask():
     mask = torch.ones(2, size * size)
     mask[1, 40:] = 0  # key padding of the inputs
     out_hf = hf(inputs=x, labels=y, attention_mask=mask)
-    out_p = patched(inputs=x, labels=y, attention_mask=mask)
+    with count_fused_calls() as calls:
+        out_p = patched(inputs=x, labels=y, attention_mask=mask)
+    assert calls.attention_fwd == FUSED_PER_FORWARD
     torch.testing.assert_close(out_p.logits, out_hf.logits, rtol=1e-4, atol=1e-5)
     out_hf.loss.backward()
     out_p.loss.backward()
@@ -151,7 +167,9 @@ def test_output_attentions_falls_back_to_hf():
     hf.eval()
     patched = patch_hf_perceiver(copy.deepcopy(hf))
     x = torch.randn(1, 3, size, size)
-    out = patched(inputs=x, output_attentions=True)
+    with count_fused_calls() as calls:
+        out = patched(inputs=x, output_attentions=True)
+    assert calls.attention_fwd == 0
     assert out.cross_attentions[0].shape == (1, 1, 4, size * size)
     torch.testing.assert_close(out.logits, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
 
@@ -166,8 +184,8 @@ def test_bad_uses():
                                                                     num_self_attends_per_block=1,
                                                                     num_self_attention_heads=1,
                                                                     num_cross_attention_heads=1))
-    with pytest.raises(ValueError, match="from_hf converts"):
-        PerceiverIO.from_hf(bare)
+    with pytest.raises(ValueError, match="perceiver_io_from_hf converts"):
+        perceiver_io_from_hf(bare)
 
 
 def test_patch_text_models_multihead_and_padding():
@@ -182,6 +200,123 @@ def test_patch_text_models_multihead_and_padding():
     for cls in (transformers.PerceiverForMaskedLM, transformers.PerceiverForSequenceClassification):
         hf = cls(transformers.PerceiverConfig(**cfg)).eval()
         patched = patch_hf_perceiver(copy.deepcopy(hf))
-        with torch.no_grad():
-            want = hf(inputs=ids, attention_mask=mask).logits
-            torch.testing.assert_close(patched(inputs=ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad(), count_fused_calls() as calls:
+            got = patched(inputs=ids, attention_mask=mask).logits
+        assert calls.attention_fwd == 3  # encoder cross, one self-attention, decoder cross
+        torch.testing.assert_close(got, hf(inputs=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_count_matches_hf_learned():
+    cfg = transformers.PerceiverConfig(num_latents=8, d_latents=32, num_blocks=2, num_self_attends_per_block=2,
+                                       num_self_attention_heads=4, num_cross_attention_heads=1, image_size=8,
+                                       num_labels=7, self_attention_widening_factor=1,
+                                       cross_attention_widening_factor=1)
+    hf = transformers.PerceiverForImageClassificationLearned(cfg)
+    ours = PerceiverIO(image_size=8, num_classes=7, num_latents=8, latent_dim=32, num_blocks=2,
+                       num_self_attends_per_block=2, self_heads=4)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+    from_cfg = perceiver_io_from_hf_config(cfg, "learned")
+    assert {k: v.shape for k, v in from_cfg.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    conv = perceiver_io_from_hf_config(cfg, "conv", image_size=16)
+    assert conv.preprocessor.max_resolution == (56, 56)
+
+
+def _patched_pair(kind="learned", dtype=torch.float32):
+    hf, size = _hf(kind)
+    hf = hf.to(dtype).eval()
+    return hf, patch_hf_perceiver(copy.deepcopy(hf)), torch.randn(2, 3, size, size, dtype=dtype), size * size
+
+
+@pytest.mark.parametrize("bias", [-30.0, -1e4, 0.5])
+def test_soft_additive_masks_fall_back_to_hf(bias):
+    """A 4-D additive mask whose values are not HF's 0 / finfo.min (soft biases) is HF's to apply: the encoder
+    cross-attention falls back (the other 3 attentions stay fused) and the logits are HF's."""
+    hf, patched, x, m = _patched_pair()
+    mask = torch.zeros(2, 1, 1, m)
+    mask[1, ..., m // 2:] = bias
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+        want = hf(inputs=x, attention_mask=mask).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD - 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_style_4d_mask_runs_fused():
+    hf, patched, x, m = _patched_pair()
+    mask = torch.zeros(2, 1, 4, m)  # one row per latent, all equal
+    mask[0, ..., 7:] = torch.finfo(torch.float32).min
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD
+    torch.testing.assert_close(got, hf(inputs=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+    mask[0, 0, 1, 3] = torch.finfo(torch.float32).min  # differs between queries: not a key padding mask
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD - 1
+    torch.testing.assert_close(got, hf(inputs=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_fully_padded_sample_gets_hfs_uniform_answer():
+    """HF's softmax over a sample whose inputs are all padded is uniform (the mean of V), not the op's zeros;
+    the patch gives HF's answer and the call stays fused."""
+    hf, patched, x, m = _patched_pair()
+    mask = torch.ones(2, m)
+    mask[0, 5:] = 0
+    mask[1] = 0
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x, attention_mask=mask).logits
+        want = hf(inputs=x, attention_mask=mask).logits
+        ref_zero = patched(inputs=x[1:], attention_mask=torch.zeros(1, m)).logits
+    assert calls.attention_fwd == 2 * FUSED_PER_FORWARD
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref_zero, want[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_float64_models_run_hfs_code():
+    hf, patched, x, _ = _patched_pair(dtype=torch.float64)
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = patched(inputs=x).logits
+    assert calls.attention_fwd == 0 and got.dtype == torch.float64
+    torch.testing.assert_close(got, hf(inputs=x).logits)
+
+
+def test_register_hf_perceiver_patch_at_load_time():
+    """register_hf_perceiver_patch: models built by _from_config afterwards are born patched (fused ops run),
+    the in-place patch still works on them, and unregistering restores HF's classes."""
+    hf, size = _hf("fourier")
+    hf.eval()
+    x = torch.randn(2, 3, size, size)
+    register_hf_perceiver_patch(fold=True)
+    try:
+        register_hf_perceiver_patch(fold=True)  # idempotent
+        born = transformers.PerceiverForImageClassificationFourier._from_config(hf.config).eval()
+    finally:
+        unregister_hf_perceiver_patch()
+    attn = born.perceiver.encoder.cross_attention.attention.self
+    assert type(attn).__name__ == "FastPerceiverSelfAttention" and attn._pf_fold is True
+    assert type(born.perceiver.input_preprocessor).__name__ == "FastPerceiverImagePreprocessor"
+    born.load_state_dict(hf.state_dict())
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = born(inputs=x).logits
+    assert calls.attention_fwd == FUSED_PER_FORWARD
+    torch.testing.assert_close(got, hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
+    assert patch_hf_perceiver(born) is born and type(attn).__name__ == "FastPerceiverSelfAttention"
+    plain = transformers.PerceiverForImageClassificationFourier._from_config(hf.config)
+    assert type(plain.perceiver.encoder.cross_attention.attention.self) is mp.PerceiverSelfAttention
+
+
+def test_compiled_patch_keeps_hfs_answer_and_refuses_soft_masks_loudly():
+    """Under torch.compile the mask checks cannot branch: HF-style masks (a fully padded sample included) give
+    HF's answer, and a soft mask fails with an error instead of another answer than HF's."""
+    torch._dynamo.reset()
+    hf, patched, x, m = _patched_pair()
+    mask = torch.ones(2, m)
+    mask[0, 10:] = 0
+    mask[1] = 0
+    run = torch.compile(lambda x, mask: patched(inputs=x, attention_mask=mask).logits, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(run(x, mask), hf(inputs=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+        soft = torch.zeros(2, 1, 1, m)
+        soft[1, ..., m // 2:] = -30.0
+        with pytest.raises(RuntimeError, match="soft additive mask values"):
+            run(x, soft)

@@ -18,6 +18,16 @@ Weights, parameter names and ``state_dict`` are untouched (the module classes ar
 swapped for subclasses). Calls with ``output_attentions=True`` (or a mask the
 fused path cannot express) fall back to HF's own code. ``unpatch_hf_perceiver``
 restores the original classes.
+
+The patched model returns what HF returns: a mask that is not HF's own
+0 / finfo.min padding mask (soft additive biases, masks that differ between
+queries), dtypes the fused ops do not take (float64), and ``output_attentions``
+run HF's code for that call; samples whose inputs are all padded get HF's
+uniform softmax (the mean of V), recomputed for those samples only.
+
+``register_hf_perceiver_patch(attention=..., fold=..., fourier=...)`` is the
+load-time option: Perceivers built by ``from_pretrained`` / ``from_config``
+afterwards come patched (transformers' ``register_patch_mapping``).
 """
 from __future__ import annotations
 
@@ -39,30 +49,69 @@ def _hf():
     return modeling_perceiver
 
 
-def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, m: int):
-    """HF's additive (B, 1, N, M) float mask (0 = attend) or a (B, M) 0/1 mask -> bool (B, M), or "fallback"."""
+class _Fallback:
+    """Marker: this call needs HF's own code (a mask the fused path cannot express exactly)."""
+
+
+FALLBACK = _Fallback()
+
+
+def _check_or_assert(ok: torch.Tensor, why: str) -> bool:
+    """``ok.all()`` in eager mode; under torch.compile an async assert (no graph break), so a mask the fused
+    path cannot express fails loudly there instead of giving another answer than HF's."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), why)
+        return True
+    return bool(ok.all())
+
+
+def hf_key_padding_mask(mask: Optional[torch.Tensor], batch: int, m: int):
+    """HF's additive (B, 1, N, M) float mask -> (keep (B, M) bool, dead (B,) bool), None, or :data:`FALLBACK`.
+
+    ``keep`` is True where a key is attended; ``dead`` marks samples whose keys are all masked, for which HF's
+    softmax is uniform over all keys (see :func:`_uniform_rows`). The mask must say "attend" (exactly 0) or
+    "masked" (at most ``finfo.min / 2``, which the scores cannot outweigh), be the same for every query and,
+    in a fully masked sample, hold one finite value; anything else (soft biases such as -30 or -1e4, bool
+    masks, which HF would add as 0/1) is :data:`FALLBACK`.
+    """
     if mask is None:
         return None
-    if mask.dim() == 4:
-        if mask.shape[1] != 1:
-            return "fallback"
-        row = mask[:, 0, 0, :]
-        if mask.shape[2] > 1 and not torch.compiler.is_compiling():
-            if not bool((mask[:, 0] == row[:, None, :]).all()):
-                return "fallback"  # the mask differs between queries: not a key padding mask
-        keep = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    elif mask.dim() == 2:
-        keep = mask if mask.dtype == torch.bool else mask != 0
-    else:
-        return "fallback"
-    if keep.shape != (batch, m):
-        keep = keep.expand(batch, m)
-    return keep
+    if mask.dim() != 4 or mask.shape[1] != 1 or not mask.is_floating_point():
+        return FALLBACK
+    row = mask[:, 0, 0, :]
+    masked = row <= torch.finfo(row.dtype).min / 2
+    if mask.shape[2] > 1 and not _check_or_assert(mask[:, 0] == row[:, None, :], "mask differs between queries"):
+        return FALLBACK  # not a key padding mask
+    if not _check_or_assert((row == 0) | masked, "soft additive mask values"):
+        return FALLBACK
+    keep = ~masked
+    dead = ~keep.any(-1)
+    uniform = (row == row[:, :1]) & torch.isfinite(row)
+    if not _check_or_assert(~dead[:, None] | uniform, "fully masked sample with unequal or infinite mask values"):
+        return FALLBACK
+    return keep.expand(batch, m), dead.expand(batch)
+
+
+def _uniform_rows(out: torch.Tensor, x: torch.Tensor, value: torch.nn.Linear, dead: torch.Tensor) -> torch.Tensor:
+    """HF's answer for fully masked samples: every score plus finfo.min rounds to finfo.min, so the softmax is
+    uniform and the output is the mean of V, value(mean of x). The fused op returns zeros there (its
+    documented rule); only those samples are recomputed."""
+    if torch.compiler.is_compiling():  # no data-dependent indexing in a graph
+        mean = value(x.mean(1)).unsqueeze(1).to(out.dtype)
+        return torch.where(dead[:, None, None], mean, out)
+    idx = dead.nonzero().flatten()
+    if idx.numel() == 0:
+        return out
+    mean = value(x[idx].mean(1)).unsqueeze(1).to(out.dtype)
+    return out.index_put((idx,), mean.expand(-1, out.shape[1], -1))  # out of place: the op saved ``out``
 
 
 def _make_attention_class(base):
     class FastPerceiverSelfAttention(base):
         """HF PerceiverSelfAttention on perceiver_fast's fused ops (same parameters)."""
+
+        _pf_attention = "fused"  # class defaults: the load-time patch builds instances without patch_hf_perceiver
+        _pf_fold = "auto"
 
         def forward(self, hidden_states, attention_mask=None, inputs=None, inputs_mask=None,
                     output_attentions=False, **kwargs):
@@ -70,12 +119,17 @@ def _make_attention_class(base):
             mask = inputs_mask if is_cross else attention_mask
             kv_len = inputs.shape[1] if is_cross else hidden_states.shape[1]
             batch = (inputs if is_cross else hidden_states).shape[0]
-            kpm = _key_padding_mask(mask, batch, kv_len)
-            if output_attentions or isinstance(kpm, str) or (kpm is not None and not is_cross):
+            p = self.dropout.p if self.training else 0.0
+            kpm = hf_key_padding_mask(mask, batch, kv_len)
+            if (output_attentions or kpm is FALLBACK or (kpm is not None and not is_cross)
+                    or not _dispatch.fused_attention_takes(self._pf_attention, hidden_states.dtype)):
+                return super().forward(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
+            keep, dead = kpm if kpm is not None else (None, None)
+            if dead is not None and p > 0 and not torch.compiler.is_compiling() and bool(dead.any()):
+                # HF drops out the uniform probabilities of a fully masked sample too
                 return super().forward(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
             h = self.num_heads
             dh = self.qk_channels_per_head
-            p = self.dropout.p if self.training else 0.0
             if is_cross:
                 q_in = hidden_states
                 if q_in.shape[0] > 1 and q_in.stride(0) == 0:
@@ -85,10 +139,12 @@ def _make_attention_class(base):
                 x = self.layernorm2(inputs)
                 fold = choose_folding(self._pf_fold, q_in.shape[1], kv_len, x.shape[-1], self.qk_channels,
                                       self.v_channels, h)
-                out = cross_attend(qh, x, self.key, self.value, attention=self._pf_attention, key_padding_mask=kpm,
+                out = cross_attend(qh, x, self.key, self.value, attention=self._pf_attention, key_padding_mask=keep,
                                    dropout_p=p, fold=fold)
                 if out.shape[0] != batch:
                     out = out.expand(batch, -1, -1)
+                if dead is not None:
+                    out = _uniform_rows(out, x, self.value, dead)
                 return (out,)
             x = self.layernorm1(hidden_states)
             b, n, _ = x.shape
@@ -139,17 +195,24 @@ def _make_image_prep_class(base):
 
 
 _CLASS_CACHE: dict = {}
+_FAST = "_perceiver_fast_class"  # class marker: already one of our subclasses (in place or load-time patch)
+
+
+def _fast_class(maker, base) -> type:
+    key = (maker, base)
+    if key not in _CLASS_CACHE:
+        cls = maker(base)
+        setattr(cls, _FAST, True)
+        _CLASS_CACHE[key] = cls
+    return _CLASS_CACHE[key]
 
 
 def _swap(module, maker):
     base = type(module)
-    if hasattr(module, _ORIG):
+    if hasattr(module, _ORIG) or getattr(base, _FAST, False):
         return
-    key = (maker, base)
-    if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = maker(base)
     setattr(module, _ORIG, base)
-    module.__class__ = _CLASS_CACHE[key]
+    module.__class__ = _fast_class(maker, base)
 
 
 def patch_hf_perceiver(model, *, attention: str = "fused", fold: FoldMode = "auto", fourier: bool = True):
@@ -184,3 +247,51 @@ def unpatch_hf_perceiver(model):
                 if hasattr(module, name):
                     delattr(module, name)
     return model
+
+
+_PATCHED_CLASSES = {
+    "PerceiverSelfAttention": _make_attention_class,
+    "PerceiverFourierPositionEncoding": _make_fourier_class,
+    "PerceiverImagePreprocessor": _make_image_prep_class,
+}
+
+
+def register_hf_perceiver_patch(*, attention: str = "fused", fold: FoldMode = "auto", fourier: bool = True) -> None:
+    """Load-time variant of :func:`patch_hf_perceiver`, for models built through transformers.
+
+    Registers our subclasses with transformers' ``register_patch_mapping``, so that every Perceiver built by
+    ``from_pretrained``, ``from_config`` or ``_from_config`` (transformers' ``apply_patches``) afterwards is
+    born patched. Models built by calling the class directly are not: patch those with
+    :func:`patch_hf_perceiver`. Calling it again replaces the options; :func:`unregister_hf_perceiver_patch`
+    undoes it.
+    """
+    mp = _hf()
+    try:
+        from transformers.monkey_patching import register_patch_mapping
+    except ImportError as exc:  # pragma: no cover - transformers < 5.x
+        raise ImportError("register_hf_perceiver_patch needs transformers' monkey_patching (transformers >= 5); "
+                          "use patch_hf_perceiver on the built model instead") from exc
+    _dispatch.check_attention(attention)
+    _check_fold(fold)
+    names = list(_PATCHED_CLASSES) if fourier else ["PerceiverSelfAttention"]
+    mapping = {}
+    for name in names:
+        base = getattr(mp, name)
+        while getattr(base, _FAST, False):  # registered before and applied right now: patch the original
+            base = base.__mro__[1]
+        cls = _fast_class(_PATCHED_CLASSES[name], base)
+        if name == "PerceiverSelfAttention":
+            cls = type(cls.__name__, (cls,), {"_pf_attention": attention, "_pf_fold": fold})
+        mapping[name] = cls
+    unregister_hf_perceiver_patch()
+    register_patch_mapping(mapping)
+
+
+def unregister_hf_perceiver_patch() -> None:
+    """Undo :func:`register_hf_perceiver_patch` (models built afterwards are HF's own again)."""
+    from transformers.monkey_patching import get_patch_mapping, unregister_patch_mapping
+
+    ours = [name for name, cls in get_patch_mapping().items()
+            if name in _PATCHED_CLASSES and getattr(cls, _FAST, False)]
+    if ours:
+        unregister_patch_mapping(ours)

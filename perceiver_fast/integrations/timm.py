@@ -3,12 +3,18 @@
 ``patch_timm_vit(model, attention="fused")`` replaces the forward of every
 timm ``Attention``-like module (attributes ``qkv`` (Linear dim -> 3*H*D),
 ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``, ``attn_drop``,
-``proj``, ``proj_drop``, optionally ``norm``; no parameters of its own) with the fused self-attention:
+``proj``, ``proj_drop``, optionally ``norm`` and ``gate``; no parameters of its own) with the fused
+self-attention:
 the qkv output is viewed as (B, N, 3, H, D) and its strided q/k/v views go
 straight to :func:`perceiver_fast.ops.attention.self_attention` (no permute,
-no copy). Weights and state_dict are untouched. Calls with an ``attn_mask``
-fall back to timm's own forward. ``unpatch_timm_vit`` restores it. timm
+no copy). Weights and state_dict are untouched. timm's blocks call
+``attn(x, attn_mask=None, is_causal=False)``: those run fused; an actual mask,
+``is_causal=True``, any other argument, or a dtype the fused ops do not take
+(float64) run timm's own forward. ``unpatch_timm_vit`` restores it. timm
 itself is not imported: any module with that structure is patched.
+
+``vit_from_timm(timm_vit)`` converts a timm VisionTransformer to our
+:class:`~perceiver_fast.models.ViT` (same weights).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from torch import nn
 
 from perceiver_fast.layers import _dispatch
+from perceiver_fast.models.vit import ViT
 
 _ATTRS = ("qkv", "num_heads", "proj", "attn_drop", "proj_drop")
 _ORIG = "_perceiver_fast_original_forward"
@@ -30,9 +37,22 @@ def is_timm_attention(module: nn.Module) -> bool:
             and next(module.parameters(recurse=False), None) is None)
 
 
-def _fast_forward(self, x: torch.Tensor, attn_mask=None, **kwargs):
-    if attn_mask is not None or kwargs:
-        return getattr(self, _ORIG)(x, attn_mask=attn_mask, **kwargs)
+# The arguments timm's blocks pass (``self.attn(x, attn_mask=None, is_causal=False)``), in positional order,
+# with the values that ask for plain self-attention; any other value runs timm's own forward.
+_PLAIN_CALL = {"attn_mask": None, "is_causal": False}
+
+
+def _asks_for_plain_attention(args: tuple, kwargs: dict) -> bool:
+    named = dict(zip(_PLAIN_CALL, args))
+    if len(args) > len(_PLAIN_CALL) or any(key in named for key in kwargs):
+        return False  # more arguments than timm's, or one given twice: timm's forward reports it
+    named.update(kwargs)
+    return all(key in _PLAIN_CALL and value is _PLAIN_CALL[key] for key, value in named.items())
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs):
+    if not _asks_for_plain_attention(args, kwargs) or not _dispatch.fused_attention_takes(self._pf_attention, x.dtype):
+        return getattr(self, _ORIG)(x, *args, **kwargs)  # masks, causal attention, float64: timm's own code
     b, n, _ = x.shape
     h = self.num_heads
     d = getattr(self, "head_dim", self.qkv.out_features // (3 * h))
@@ -50,6 +70,9 @@ def _fast_forward(self, x: torch.Tensor, attn_mask=None, **kwargs):
     norm = getattr(self, "norm", None)
     if norm is not None:
         o = norm(o)
+    gate = getattr(self, "gate", None)  # timm's gated attention: sigmoid(gate(x)) scales the heads' output
+    if gate is not None:
+        o = o * gate(x).sigmoid()
     return self.proj_drop(self.proj(o))
 
 
@@ -78,3 +101,76 @@ def unpatch_timm_vit(model: nn.Module) -> nn.Module:
             delattr(module, _ORIG)
             delattr(module, "_pf_attention")
     return model
+
+
+def _dropout_p(module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def vit_from_timm(model: nn.Module, *, attention: str = "fused") -> ViT:
+    """Convert a timm ``VisionTransformer`` (class token, token pooling, pre-norm blocks, no register
+    tokens, qk-norm or layer scale) to a :class:`~perceiver_fast.models.ViT` with the same weights, dropout
+    rates, device, dtype and train/eval mode (drop-path is not carried over). Raises ``ValueError`` naming
+    what it cannot convert."""
+
+    def unsupported(why: str):
+        return ValueError(f"vit_from_timm: unsupported timm model ({why})")
+
+    if not all(hasattr(model, a) for a in ("patch_embed", "blocks", "cls_token", "pos_embed", "norm", "head")):
+        raise unsupported("expected timm VisionTransformer attributes patch_embed, blocks, cls_token, pos_embed, "
+                          "norm, head")
+    if model.cls_token is None or getattr(model, "global_pool", "token") != "token":
+        raise unsupported("needs a class token and global_pool='token'")
+    if getattr(model, "num_reg_tokens", 0) or getattr(model, "no_embed_class", False):
+        raise unsupported("register tokens / no_embed_class")
+    for name in ("fc_norm", "norm_pre", "head_drop"):
+        mod = getattr(model, name, None)
+        if mod is not None and not isinstance(mod, (nn.Identity, nn.Dropout)):
+            raise unsupported(f"{name} is {type(mod).__name__}")
+    pe = model.patch_embed
+    pe_norm = getattr(pe, "norm", None)
+    if pe_norm is not None and not isinstance(pe_norm, nn.Identity):
+        raise unsupported(f"patch_embed.norm is {type(pe_norm).__name__}")
+    blk0 = model.blocks[0]
+    for blk in model.blocks:
+        kind = type(blk).__name__
+        if "Post" in kind or "Parallel" in kind:  # same parameter names as Block, other maths
+            raise unsupported(f"{kind} blocks; only pre-norm blocks x + attn(norm1(x)) convert")
+        for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
+            mod = getattr(blk, name, None)
+            if mod is not None and not isinstance(mod, nn.Identity) and "DropPath" not in type(mod).__name__:
+                raise unsupported(f"block.{name} is {type(mod).__name__}")
+        for name in ("q_norm", "k_norm", "norm"):
+            mod = getattr(blk.attn, name, None)
+            if mod is not None and not isinstance(mod, nn.Identity):
+                raise unsupported(f"attn.{name} is {type(mod).__name__}")
+    dim = model.pos_embed.shape[-1]
+    head = model.head
+    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
+    ours = ViT(image_size=tuple(pe.img_size), patch_size=tuple(pe.patch_size), in_channels=pe.proj.in_channels,
+               num_classes=num_classes, dim=dim, depth=len(model.blocks), heads=blk0.attn.num_heads,
+               mlp_ratio=blk0.mlp.fc1.out_features / dim, qkv_bias=blk0.attn.qkv.bias is not None,
+               dropout=_dropout_p(getattr(blk0.attn, "proj_drop", None)),
+               attn_dropout=_dropout_p(getattr(blk0.attn, "attn_drop", None)),
+               emb_dropout=_dropout_p(getattr(model, "pos_drop", None)),
+               layer_norm_eps=model.norm.eps, attention=attention)
+    sd = {"cls_token": model.cls_token, "pos_embed": model.pos_embed}
+    for key, value in pe.proj.state_dict().items():
+        sd["patch_embed.proj." + key] = value
+    names = {"norm1": "norm", "attn.qkv": "qkv", "attn.proj": "proj", "norm2": "norm_mlp", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2"}
+    for i, blk in enumerate(model.blocks):
+        for key, value in blk.state_dict().items():
+            prefix, leaf = key.rsplit(".", 1)
+            if prefix not in names:
+                raise unsupported(f"unexpected block parameter {key}")
+            sd[f"blocks.{i}.{names[prefix]}.{leaf}"] = value
+    for key, value in model.norm.state_dict().items():
+        sd["norm." + key] = value
+    if num_classes:
+        for key, value in head.state_dict().items():
+            sd["head." + key] = value
+    ref = model.pos_embed
+    ours.to(device=ref.device, dtype=ref.dtype)
+    ours.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=True)
+    return ours.train(model.training)

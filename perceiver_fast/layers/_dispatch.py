@@ -20,6 +20,16 @@ from perceiver_fast.ops.reference import attention_reference, fourier_encode_ref
 ATTENTION_MODES = ("fused", "eager")
 
 
+# The dtypes the fused attention ops take (perceiver_fast.ops.attention checks the same list); integrations
+# send other dtypes (float64) to the library's own code instead.
+FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fused_attention_takes(attention: str, dtype: torch.dtype) -> bool:
+    """Whether ``attention`` can run on tensors of ``dtype`` (the eager reference takes every float dtype)."""
+    return attention != "fused" or dtype in FUSED_ATTENTION_DTYPES
+
+
 def check_attention(attention: str) -> str:
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -34,7 +44,8 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     _ATTENTION_IMPORT_ERROR = _exc
 
 
-def _fused_ops():
+def fused_ops():
+    """perceiver_fast.ops.attention, or an ImportError that says why the Triton kernels are unavailable."""
     if _attention_ops is None:  # pragma: no cover
         raise ImportError(
             "attention='fused' needs perceiver_fast.ops.attention (the Triton kernels), which could not be "
@@ -59,7 +70,7 @@ def cross_attention(
     ``training`` flag).
     """
     if attention == "fused":
-        return _fused_ops().cross_attention(
+        return fused_ops().cross_attention(
             q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale
         )
     if q.shape[0] != k.shape[0]:
@@ -83,7 +94,7 @@ def self_attention(
     A v wider or narrower than q/k goes to the fused cross-attention op, which takes Dv != Dqk.
     """
     if attention == "fused":
-        ops = _fused_ops()
+        ops = fused_ops()
         if v.shape[-1] != q.shape[-1]:
             return ops.cross_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
         return ops.self_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
