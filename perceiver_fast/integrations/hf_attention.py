@@ -74,7 +74,7 @@ def _fused_can_take(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     ops = _dispatch.fused_ops()
     return (query.shape[1] == h and value.shape[1] == h and query.shape[0] in (1, b)
             and query.dtype in _dispatch.FUSED_ATTENTION_DTYPES
-            and max(query.shape[-1], value.shape[-1]) <= ops.MAX_HEAD_DIM_CROSS
+            and max(query.shape[-1], value.shape[-1]) <= ops.MAX_HEAD_DIM
             and query.dtype == key.dtype == value.dtype)
 
 
