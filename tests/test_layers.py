@@ -274,30 +274,6 @@ def test_bad_inputs():
         pre(torch.randn(1, 1, 8, 8))
 
 
-def test_aligned_rows_pads_the_row_stride_only():
-    from perceiver_fast.layers.attention import aligned_rows
-
-    x = torch.randn(2, 5, 261, requires_grad=True)
-    y = aligned_rows(x, force=True)
-    assert y.shape == x.shape and y.stride() == (5 * 264, 264, 1)  # 264 * 4 bytes = 66 * 16
-    torch.testing.assert_close(y, x)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, torch.ones_like(x))
-    z = torch.randn(2, 5, 8)
-    assert aligned_rows(z, force=True) is z
-    assert aligned_rows(x) is x  # CPU: left alone
-
-
-def test_folded_path_with_aligned_rows_matches(monkeypatch):
-    import perceiver_fast.layers.attention as attention_mod
-
-    real = attention_mod.aligned_rows
-    monkeypatch.setattr(attention_mod, "aligned_rows", lambda x: real(x, force=True))
-    a, b = _pair(CrossAttention, 16, 13, heads=1, fold=True)
-    q, kv = torch.randn(1, 3, 16), torch.randn(2, 7, 13)
-    torch.testing.assert_close(a(q, kv), b(q, kv), rtol=1e-4, atol=1e-5)
-
-
 def test_self_attention_block_wide_heads_use_the_cross_attention_kernel():
     blk, ref = _pair(SelfAttentionBlock, 8, heads=1, dim_head=264, mlp_ratio=1)  # > the self kernel's 256
     x = torch.randn(1, 3, 8)

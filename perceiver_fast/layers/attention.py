@@ -67,28 +67,6 @@ def folding_flops(n: int, m: int, din: int, qk_channels: int, v_channels: int, h
     return unfolded, folded
 
 
-# Row strides that are not a multiple of 16 bytes cost the attention kernels a lot on the GPU (measured on
-# the H200 for HF fourier's Din=261: 4.06 ms at row stride 261 against 3.02 ms at 272, see issue 6). The
-# folded path hands the kernel LN(x) as keys and values, so it re-lays them out with padded rows first
-# (one extra read+write of B*M*Din, ~0.05 ms there). Set to False to disable.
-ALIGN_KV_ROWS = True
-
-
-def aligned_rows(x: torch.Tensor, force: bool = False) -> torch.Tensor:
-    """x (..., D) as a view whose rows are 16-byte aligned (stride padded to a multiple of 16 bytes).
-
-    Only on CUDA (or with ``force``) and only when the row stride is misaligned; otherwise x itself.
-    """
-    if not (force or (ALIGN_KV_ROWS and x.is_cuda)):
-        return x
-    per = 16 // x.element_size() if 16 % x.element_size() == 0 else 1
-    d = x.shape[-1]
-    if x.stride(-1) == 1 and x.stride(-2) % per == 0:
-        return x
-    padded = -(-d // per) * per
-    return F.pad(x, (0, padded - d))[..., :d]
-
-
 # The fused cross-attention takes head dims up to 4096; the folded path attends over Din (+1 with dropout).
 MAX_FOLDED_DIN = 4095
 
@@ -105,10 +83,13 @@ def choose_folding(fold: FoldMode, n: int, m: int, din: int, qk_channels: int, v
 
 
 def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
-    """[x | 1] (..., D+1), as a view with 16-byte aligned rows on CUDA (the padding is ones too)."""
+    """[x | 1] (..., D+1), as a view with 16-byte aligned rows on CUDA (the padding is ones too).
+
+    The copy is made anyway, so its rows are padded for free: the attention op then needs no repack.
+    """
     d = x.shape[-1]
     width = d + 1
-    if ALIGN_KV_ROWS and x.is_cuda and 16 % x.element_size() == 0:
+    if x.is_cuda and 16 % x.element_size() == 0:
         per = 16 // x.element_size()
         width = -(-width // per) * per
     return F.pad(x, (0, width - d), value=1.0)[..., :d + 1]
@@ -144,7 +125,7 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
         qf = F.pad(qf, (0, 1))
         xk = _with_ones_column(x)
     else:
-        xk = aligned_rows(x)
+        xk = x  # unaligned rows (Din 261) are repacked once by the op, for k and v together
     xk = xk.unsqueeze(2)  # (B, M, 1, Din[+1]): keys = values = LN(x)
     o = _dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
                                   dropout_p=dropout_p, softmax_scale=scale)
