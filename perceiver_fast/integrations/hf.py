@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from perceiver_fast.layers import _dispatch
-from perceiver_fast.layers.attention import FoldMode, _check_fold, choose_folding, cross_attend
+from perceiver_fast.layers.attention import FoldMode, check_fold, choose_folding, cross_attend
 
 _ORIG = "_perceiver_fast_original_class"
 
@@ -219,7 +219,7 @@ def patch_hf_perceiver(model, *, attention: str = "fused", fold: FoldMode = "aut
     """Swap the attention (and Fourier features) of a transformers Perceiver model in place; returns it."""
     mp = _hf()
     _dispatch.check_attention(attention)
-    _check_fold(fold)
+    check_fold(fold)
     n_att = 0
     for module in model.modules():
         if isinstance(module, mp.PerceiverSelfAttention):
@@ -272,7 +272,7 @@ def register_hf_perceiver_patch(*, attention: str = "fused", fold: FoldMode = "a
         raise ImportError("register_hf_perceiver_patch needs transformers' monkey_patching (transformers >= 5); "
                           "use patch_hf_perceiver on the built model instead") from exc
     _dispatch.check_attention(attention)
-    _check_fold(fold)
+    check_fold(fold)
     names = list(_PATCHED_CLASSES) if fourier else ["PerceiverSelfAttention"]
     mapping = {}
     for name in names:

@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
+from perceiver_fast.ops.attention import SUPPORTED_DTYPES
 from perceiver_fast.ops.reference import attention_reference, fourier_encode_reference, fourier_features_reference
 
 ATTENTION_MODES = ("fused", "eager")
 
 
-# The dtypes the fused attention ops take (perceiver_fast.ops.attention checks the same list); integrations
-# send other dtypes (float64) to the library's own code instead.
-FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The dtypes the fused attention ops take; integrations send other dtypes (float64) to the library's own code.
+FUSED_ATTENTION_DTYPES = SUPPORTED_DTYPES
 
 
 def fused_attention_takes(attention: str, dtype: torch.dtype) -> bool:

@@ -48,7 +48,7 @@ from perceiver_fast.layers import _dispatch
 FoldMode = Union[str, bool]
 
 
-def _check_fold(fold: FoldMode) -> FoldMode:
+def check_fold(fold: FoldMode) -> FoldMode:
     if fold not in ("auto", True, False):
         raise ValueError(f"fold must be 'auto', True or False, got {fold!r}")
     return fold
@@ -207,7 +207,7 @@ class CrossAttention(nn.Module):
         self.use_query_residual = use_query_residual
         self.dropout = float(dropout)
         self.attention = _dispatch.check_attention(attention)
-        self.fold = _check_fold(fold)
+        self.fold = check_fold(fold)
         self.norm_q = nn.LayerNorm(q_dim, eps=layer_norm_eps)
         self.norm_kv = nn.LayerNorm(kv_dim, eps=layer_norm_eps)
         self.to_q = nn.Linear(q_dim, qk_channels)

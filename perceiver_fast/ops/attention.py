@@ -29,7 +29,7 @@ from perceiver_fast.ops.backend import resolve_backend, seed_to_int
 __all__ = ["cross_attention", "self_attention"]
 
 MAX_HEAD_DIM = 4096
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def _check_common(op: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) ->
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D (batch, seq, heads, head_dim), got shape {_shape(t)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{op}: {name} {_shape(t)} has dtype {t.dtype}; supported are float16, bfloat16 and "
                             f"float32")
     if not (q.dtype == k.dtype == v.dtype):

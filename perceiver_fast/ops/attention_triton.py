@@ -425,6 +425,16 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + pid_bh * N + offs_n, delta, mask=n_ok)
 
 
+@triton.jit
+def _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
+                stride_vb, stride_vh, stride_dob, stride_doh):
+    """(b, h) of program axis ``pid_bh`` (int64) and the base pointers of that head in Q, K, V and dO."""
+    b = pid_bh // H
+    h = pid_bh % H
+    return (b, h, Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
+            V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh)
+
+
 @triton.autotune(configs=bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
                  prune_configs_by={"early_config_prune": prune_bwd_configs})
 @triton.jit
@@ -452,12 +462,8 @@ def attn_bwd_dkdv_kernel(
     # with dS = P * (dP * Z - delta) and Z the dropout mask scaled by 1/(1-p).
     pid_bh = tl.program_id(1).to(tl.int64)
     t = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
+    b, h, q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb,
+                                                        stride_kh, stride_vb, stride_vh, stride_dob, stride_doh)
     m_start = tl.program_id(0) * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
     col0 = t * BLOCK_DT
@@ -536,12 +542,8 @@ def attn_bwd_dq_kernel(
     n_dt = tl.cdiv(Dqk, BLOCK_DT)
     split = tl.program_id(2) // n_dt
     col0 = (tl.program_id(2) % n_dt) * BLOCK_DT
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
+    b, h, q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb,
+                                                        stride_kh, stride_vb, stride_vh, stride_dob, stride_doh)
     n_start = tl.program_id(0) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
