@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import perceiver_fast.ops.fourier
+
 from perceiver_fast.bench import shapes as S
 from perceiver_fast.bench.backends import attn_backend, attn_inputs, attn_reference64
 from perceiver_fast.bench.report import write_all
@@ -116,7 +118,7 @@ def test_writers_produce_parseable_csv_json_and_png(tmp_path):
     data = json.load(open(paths["json"]))
     for key in ("date", "torch", "triton", "git_commit", "device", "gpu", "fused_path"):
         assert key in data["env"]
-    assert data["env"]["fused_path"] in ("pytorch-fallback", "triton-interpreter")
+    assert data["env"]["fused_path"] in ("torch", "triton-interpreter")
     assert len(data["rows"]) == len(rows)
     assert all(r["ms"] is None or math.isfinite(r["ms"]) for r in data["rows"])
     with open(paths["plot_sweep"], "rb") as fh:
@@ -157,3 +159,11 @@ def test_budget_cut_records_skips_and_still_writes(tmp_path):
     assert res["rows"] and all(r["status"] == "SKIP" and "time budget" in r["reason"] for r in res["rows"])
     paths = write_all(res, str(tmp_path))
     assert len(list(csv.DictReader(open(paths["csv"])))) == len(res["rows"])
+
+
+@pytest.mark.parametrize("concat_pos,sine_only", [(True, False), (False, False), (True, True), (False, True)])
+def test_fourier_shape_channels_follow_the_flags(concat_pos, sine_only):
+    f = S.FOURIER_SHAPES[0].replace(concat_pos=concat_pos, sine_only=sine_only, index_dims=(3, 4), num_bands=5, B=1)
+    x = torch.randn(1, 3, 4, f.cin)
+    out = perceiver_fast.ops.fourier.fourier_encode(x, 5, concat_pos=concat_pos, sine_only=sine_only)
+    assert out.shape[-1] == f.out_channels

@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from perceiver_fast.ops.backend import attention_backend
+
 from . import shapes as S
 from .backends import (ATTN_BACKENDS, FOURIER_BACKENDS, SDPA_BACKENDS, attn_backend, attn_grad_leaves,
                        attn_inputs, attn_reference64, fourier_backend, fourier_inputs)
@@ -40,6 +42,9 @@ ROW_FIELDS = [
     "speedup_vs_best_sdpa", "tflops", "gbs", "peak_mib", "images_per_s", "floor_ms", "flops", "bytes",
     "relerr", "B", "H", "N", "M", "Dqk", "Dv", "kv_row_stride", "reason",
 ]
+
+# --ops names that select a group of cases rather than one attention shape
+OP_GROUPS = ("fourier", "sweep", "layers")
 
 # relative error (vs float64) above which a result is marked WRONG
 TOLERANCE = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 5e-3}
@@ -114,11 +119,8 @@ def git_commit() -> Optional[str]:
 
 
 def fused_path(device) -> str:
-    if is_cuda(device):
-        return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton-interpreter"
-    return "pytorch-fallback"
+    """The attention backend the 'fused' rows time on ``device`` (see :mod:`perceiver_fast.ops.backend`)."""
+    return attention_backend(device)
 
 
 def environment(opts: BenchOptions) -> Dict:
@@ -295,7 +297,8 @@ def _fourier_case(shape: S.FourierShape, backend: str, opts: BenchOptions) -> Li
             sync(dev)
             from perceiver_fast.ops.reference import fourier_encode_reference
 
-            ref = fourier_encode_reference(inp["x"][:1].double(), shape.num_bands)
+            ref = fourier_encode_reference(inp["x"][:1].double(), shape.num_bands, concat_pos=shape.concat_pos,
+                                           sine_only=shape.sine_only)
             err = _relerr(out[:1], ref)
             del out, ref
             ms = bench_ms(lambda: fn(inp), dev, opts.quick)

@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from perceiver_fast.ops.fourier import fourier_channels
+
 # Measured on the project's H200, 2026-11-20 (shared/baselines/h200-2026-11-20.md):
 # 1 GiB device-to-device copy (read + written bytes) and an 8192^3 matmul.
 H200_CEILINGS = {
@@ -114,8 +116,9 @@ class AttnShape:
 class FourierShape:
     """Fourier-feature position encoding of channels-last inputs (B, *index_dims, Cin).
 
-    Output: (B, prod(index_dims), Cin + D + 2 * D * num_bands) in float32
-    (positions concatenated, sine and cosine), as HF builds it.
+    Output: (B, prod(index_dims), Cin + C) in float32, C from
+    :func:`perceiver_fast.ops.fourier.fourier_channels` (HF's default: positions
+    concatenated, sine and cosine: D + 2 * D * num_bands).
     """
 
     name: str
@@ -124,6 +127,8 @@ class FourierShape:
     num_bands: int
     cin: int = 3
     note: str = ""
+    concat_pos: bool = True
+    sine_only: bool = False
 
     @property
     def points(self) -> int:
@@ -131,8 +136,7 @@ class FourierShape:
 
     @property
     def out_channels(self) -> int:
-        d = len(self.index_dims)
-        return self.cin + d + 2 * d * self.num_bands
+        return self.cin + fourier_channels(len(self.index_dims), self.num_bands, self.concat_pos, self.sine_only)
 
     def flops(self, backward: bool = False) -> int:
         return 0  # memory bound; sin/cos are not counted as FLOPs
