@@ -1,4 +1,4 @@
-"""Parity with transformers' Perceiver: PerceiverIO.from_hf and patch_hf_perceiver (no network: random init)."""
+"""Parity with transformers' Perceiver: perceiver_io_from_hf and patch_hf_perceiver (no network: random init)."""
 import copy
 
 import pytest
@@ -7,9 +7,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 mp = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
 
-from perceiver_fast.integrations import patch_hf_perceiver, unpatch_hf_perceiver  # noqa: E402
+from perceiver_fast.integrations import (  # noqa: E402
+    hf_state_dict,
+    patch_hf_perceiver,
+    perceiver_io_from_hf,
+    perceiver_io_from_hf_config,
+    unpatch_hf_perceiver,
+)
 from perceiver_fast.models import PerceiverIO  # noqa: E402
-from perceiver_fast.models._hf_convert import hf_state_dict  # noqa: E402
 
 VARIANTS = {
     "learned": (transformers.PerceiverForImageClassificationLearned, 8),
@@ -40,7 +45,7 @@ def _grads_as_ours(hf_model, kind):
 def test_from_hf_float64_eager_is_exact(kind):
     hf, size = _hf(kind)
     hf = hf.double().eval()
-    ours = PerceiverIO.from_hf(hf, attention="eager")
+    ours = perceiver_io_from_hf(hf, attention="eager")
     assert next(ours.parameters()).dtype == torch.float64 and not ours.training
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     # fourier/conv are not bit-exact: HF builds the Fourier features in float32 even for a float64
@@ -54,7 +59,7 @@ def test_from_hf_float64_eager_is_exact(kind):
 def test_from_hf_fused_logits_and_gradients(kind):
     hf, size = _hf(kind)
     hf.train()  # dropout is 0; conv's BatchNorm uses batch statistics in both
-    ours = PerceiverIO.from_hf(hf, attention="fused", fold=True)  # the folded path against HF's unfolded one
+    ours = perceiver_io_from_hf(hf, attention="fused", fold=True)  # the folded path against HF's unfolded one
     x = torch.randn(2, 3, size, size)
     y = torch.tensor([1, 3])
     hf_out = hf(inputs=x, labels=y)
@@ -76,15 +81,15 @@ def test_from_hf_follows_the_config():
     the attention dropout carries over, and an activation other than exact GELU is refused."""
     hf, size = _hf("learned", dropout=0.25, use_query_residual=False)
     hf.eval()
-    ours = PerceiverIO.from_hf(hf, attention="eager")
+    ours = perceiver_io_from_hf(hf, attention="eager")
     assert not ours.cross_attention.attn.use_query_residual
     assert ours.cross_attention.attn.dropout == 0.25 and ours.self_attends[0].dropout == 0.25
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(ours(x), hf(inputs=x).logits, rtol=1e-4, atol=1e-5)
-    assert PerceiverIO.from_hf_config(hf.config).cross_attention.attn.use_query_residual is False
+    assert perceiver_io_from_hf_config(hf.config).cross_attention.attn.use_query_residual is False
     hf, _ = _hf("learned", hidden_act="relu")
     with pytest.raises(ValueError, match="hidden_act"):
-        PerceiverIO.from_hf(hf)
+        perceiver_io_from_hf(hf)
 
 @pytest.mark.parametrize("kind", sorted(VARIANTS))
 def test_patch_hf_perceiver_eval_logits_equal(kind):
@@ -166,8 +171,8 @@ def test_bad_uses():
                                                                     num_self_attends_per_block=1,
                                                                     num_self_attention_heads=1,
                                                                     num_cross_attention_heads=1))
-    with pytest.raises(ValueError, match="from_hf converts"):
-        PerceiverIO.from_hf(bare)
+    with pytest.raises(ValueError, match="perceiver_io_from_hf converts"):
+        perceiver_io_from_hf(bare)
 
 
 def test_patch_text_models_multihead_and_padding():
@@ -185,3 +190,18 @@ def test_patch_text_models_multihead_and_padding():
         with torch.no_grad():
             want = hf(inputs=ids, attention_mask=mask).logits
             torch.testing.assert_close(patched(inputs=ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_count_matches_hf_learned():
+    cfg = transformers.PerceiverConfig(num_latents=8, d_latents=32, num_blocks=2, num_self_attends_per_block=2,
+                                       num_self_attention_heads=4, num_cross_attention_heads=1, image_size=8,
+                                       num_labels=7, self_attention_widening_factor=1,
+                                       cross_attention_widening_factor=1)
+    hf = transformers.PerceiverForImageClassificationLearned(cfg)
+    ours = PerceiverIO(image_size=8, num_classes=7, num_latents=8, latent_dim=32, num_blocks=2,
+                       num_self_attends_per_block=2, self_heads=4)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+    from_cfg = perceiver_io_from_hf_config(cfg, "learned")
+    assert {k: v.shape for k, v in from_cfg.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    conv = perceiver_io_from_hf_config(cfg, "conv", image_size=16)
+    assert conv.preprocessor.max_resolution == (56, 56)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from perceiver_fast.integrations import patch_timm_vit, unpatch_timm_vit
+from perceiver_fast.integrations import patch_timm_vit, unpatch_timm_vit, vit_from_timm
 
 
 class TimmLikeAttention(nn.Module):
@@ -189,35 +189,31 @@ class TimmLikeViT(nn.Module):
 
 
 def test_vit_from_timm_structure():
-    from perceiver_fast.models import ViT
-
     timm_like = TimmLikeViT().eval()
     x = torch.randn(2, 1, 8, 8)
-    ours = ViT.from_timm(timm_like)
+    ours = vit_from_timm(timm_like)
     torch.testing.assert_close(ours(x), timm_like(x), rtol=1e-4, atol=1e-5)
     timm_like.global_pool = "avg"
     with pytest.raises(ValueError, match="global_pool"):
-        ViT.from_timm(timm_like)
+        vit_from_timm(timm_like)
 
 
 
 def test_vit_from_timm_refuses_what_it_cannot_convert_and_keeps_dropout():
     """A patch-embedding norm or a post-norm block (same parameter names, other maths) must be refused, not
     silently converted; the dropout rates carry over to the converted model."""
-    from perceiver_fast.models import ViT
-
     timm_like = TimmLikeViT()
     timm_like.pos_drop = nn.Dropout(0.3)
     for blk in timm_like.blocks:
         blk.attn.attn_drop.p, blk.attn.proj_drop.p = 0.2, 0.1
-    ours = ViT.from_timm(timm_like)
+    ours = vit_from_timm(timm_like)
     assert ours.emb_drop.p == 0.3
     assert ours.blocks[0].dropout == 0.2 and ours.blocks[0].proj_drop.p == 0.1
 
     timm_like = TimmLikeViT()
     timm_like.patch_embed.norm = nn.LayerNorm(16)
     with pytest.raises(ValueError, match="patch_embed.norm"):
-        ViT.from_timm(timm_like)
+        vit_from_timm(timm_like)
 
     class ResPostBlock(TimmLikeBlock):  # timm's post-norm block: x + norm1(attn(x))
         def forward(self, x):
@@ -227,11 +223,9 @@ def test_vit_from_timm_refuses_what_it_cannot_convert_and_keeps_dropout():
     timm_like = TimmLikeViT()
     timm_like.blocks[1] = ResPostBlock(16, 2, 32)
     with pytest.raises(ValueError, match="ResPostBlock"):
-        ViT.from_timm(timm_like)
+        vit_from_timm(timm_like)
 
 def test_vit_from_real_timm():
-    from perceiver_fast.models import ViT
-
     model, x = _real_timm_vit()
     with torch.no_grad():
-        torch.testing.assert_close(ViT.from_timm(model)(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vit_from_timm(model)(x), model(x), rtol=1e-4, atol=1e-5)

@@ -33,13 +33,11 @@ def _hf_layer(case: S.LayerCase):
 
 
 def _ours_from_hf(hf_layer, case: S.LayerCase):
+    from perceiver_fast.integrations import hf_cross_layer_state_dict
     from perceiver_fast.layers import CrossAttentionLayer
-    from perceiver_fast.models._hf_convert import _cross_layer
 
     ours = CrossAttentionLayer(case.q_dim, case.kv_dim, heads=1, widening_factor=1, attention="fused")
-    sd: Dict[str, torch.Tensor] = {}
-    _cross_layer(sd, "l", hf_layer)
-    ours.load_state_dict({k[2:]: v for k, v in sd.items()})
+    ours.load_state_dict(hf_cross_layer_state_dict(hf_layer))
     return ours
 
 

@@ -9,6 +9,9 @@ straight to :func:`perceiver_fast.ops.attention.self_attention` (no permute,
 no copy). Weights and state_dict are untouched. Calls with an ``attn_mask``
 fall back to timm's own forward. ``unpatch_timm_vit`` restores it. timm
 itself is not imported: any module with that structure is patched.
+
+``vit_from_timm(timm_vit)`` converts a timm VisionTransformer to our
+:class:`~perceiver_fast.models.ViT` (same weights).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from perceiver_fast.layers import _dispatch
+from perceiver_fast.models.vit import ViT
 
 _ATTRS = ("qkv", "num_heads", "proj", "attn_drop", "proj_drop")
 _ORIG = "_perceiver_fast_original_forward"
@@ -78,3 +82,76 @@ def unpatch_timm_vit(model: nn.Module) -> nn.Module:
             delattr(module, _ORIG)
             delattr(module, "_pf_attention")
     return model
+
+
+def _dropout_p(module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def vit_from_timm(model: nn.Module, *, attention: str = "fused") -> ViT:
+    """Convert a timm ``VisionTransformer`` (class token, token pooling, pre-norm blocks, no register
+    tokens, qk-norm or layer scale) to a :class:`~perceiver_fast.models.ViT` with the same weights, dropout
+    rates, device, dtype and train/eval mode (drop-path is not carried over). Raises ``ValueError`` naming
+    what it cannot convert."""
+
+    def unsupported(why: str):
+        return ValueError(f"vit_from_timm: unsupported timm model ({why})")
+
+    if not all(hasattr(model, a) for a in ("patch_embed", "blocks", "cls_token", "pos_embed", "norm", "head")):
+        raise unsupported("expected timm VisionTransformer attributes patch_embed, blocks, cls_token, pos_embed, "
+                          "norm, head")
+    if model.cls_token is None or getattr(model, "global_pool", "token") != "token":
+        raise unsupported("needs a class token and global_pool='token'")
+    if getattr(model, "num_reg_tokens", 0) or getattr(model, "no_embed_class", False):
+        raise unsupported("register tokens / no_embed_class")
+    for name in ("fc_norm", "norm_pre", "head_drop"):
+        mod = getattr(model, name, None)
+        if mod is not None and not isinstance(mod, (nn.Identity, nn.Dropout)):
+            raise unsupported(f"{name} is {type(mod).__name__}")
+    pe = model.patch_embed
+    pe_norm = getattr(pe, "norm", None)
+    if pe_norm is not None and not isinstance(pe_norm, nn.Identity):
+        raise unsupported(f"patch_embed.norm is {type(pe_norm).__name__}")
+    blk0 = model.blocks[0]
+    for blk in model.blocks:
+        kind = type(blk).__name__
+        if "Post" in kind or "Parallel" in kind:  # same parameter names as Block, other maths
+            raise unsupported(f"{kind} blocks; only pre-norm blocks x + attn(norm1(x)) convert")
+        for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
+            mod = getattr(blk, name, None)
+            if mod is not None and not isinstance(mod, nn.Identity) and "DropPath" not in type(mod).__name__:
+                raise unsupported(f"block.{name} is {type(mod).__name__}")
+        for name in ("q_norm", "k_norm", "norm"):
+            mod = getattr(blk.attn, name, None)
+            if mod is not None and not isinstance(mod, nn.Identity):
+                raise unsupported(f"attn.{name} is {type(mod).__name__}")
+    dim = model.pos_embed.shape[-1]
+    head = model.head
+    num_classes = head.out_features if isinstance(head, nn.Linear) else 0
+    ours = ViT(image_size=tuple(pe.img_size), patch_size=tuple(pe.patch_size), in_channels=pe.proj.in_channels,
+               num_classes=num_classes, dim=dim, depth=len(model.blocks), heads=blk0.attn.num_heads,
+               mlp_ratio=blk0.mlp.fc1.out_features / dim, qkv_bias=blk0.attn.qkv.bias is not None,
+               dropout=_dropout_p(getattr(blk0.attn, "proj_drop", None)),
+               attn_dropout=_dropout_p(getattr(blk0.attn, "attn_drop", None)),
+               emb_dropout=_dropout_p(getattr(model, "pos_drop", None)),
+               layer_norm_eps=model.norm.eps, attention=attention)
+    sd = {"cls_token": model.cls_token, "pos_embed": model.pos_embed}
+    for key, value in pe.proj.state_dict().items():
+        sd["patch_embed.proj." + key] = value
+    names = {"norm1": "norm", "attn.qkv": "qkv", "attn.proj": "proj", "norm2": "norm_mlp", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2"}
+    for i, blk in enumerate(model.blocks):
+        for key, value in blk.state_dict().items():
+            prefix, leaf = key.rsplit(".", 1)
+            if prefix not in names:
+                raise unsupported(f"unexpected block parameter {key}")
+            sd[f"blocks.{i}.{names[prefix]}.{leaf}"] = value
+    for key, value in model.norm.state_dict().items():
+        sd["norm." + key] = value
+    if num_classes:
+        for key, value in head.state_dict().items():
+            sd["head." + key] = value
+    ref = model.pos_embed
+    ours.to(device=ref.device, dtype=ref.dtype)
+    ours.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=True)
+    return ours.train(model.training)

@@ -30,10 +30,8 @@ fold                           "auto"      projection folding of the cross-atten
 
 Presets: ``PerceiverIO.from_config("learned" | "fourier" | "conv", **overrides)``
 match deepmind/vision-perceiver-{learned,fourier,conv} (the fourier preset uses
-max_resolution (224, 224), the conv preset (56, 56)). ``PerceiverIO.from_hf(hf_model)``
-converts a transformers PerceiverForImageClassification{Learned,Fourier,ConvProcessing};
-``PerceiverIO.from_hf_config(perceiver_config, preprocessing, **overrides)`` builds the
-same architecture as a transformers ``PerceiverConfig`` (random init).
+max_resolution (224, 224), the conv preset (56, 56)). Conversion from other libraries'
+models lives in :mod:`perceiver_fast.integrations`.
 
 A small digits-sized model: ``PerceiverIO(image_size=8, in_channels=1, num_classes=10,
 preprocessing="fourier", num_latents=16, latent_dim=64, num_blocks=2,
@@ -113,29 +111,6 @@ class PerceiverIO(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_T
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_hf_config(cls, config, preprocessing: str = "learned", **overrides) -> "PerceiverIO":
-        """Random-init model with the architecture of a transformers ``PerceiverConfig`` (no weights copied).
-
-        Maps num_latents, d_latents, num_blocks, num_self_attends_per_block, num_self_attention_heads,
-        num_cross_attention_heads, *_widening_factor, use_query_residual, qk/v_channels,
-        attention_probs_dropout_prob, image_size, num_labels; the
-        preprocessing's HF defaults (Fourier max_resolution 224 or 56) apply unless overridden.
-        """
-        from perceiver_fast.models._hf_convert import config_kwargs
-
-        kwargs = dict(PRESETS[preprocessing] if preprocessing in PRESETS else dict(preprocessing=preprocessing))
-        kwargs.update(config_kwargs(config))
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    @classmethod
-    def from_hf(cls, hf_model, *, attention: str = "fused", fold: FoldMode = "auto") -> "PerceiverIO":
-        """Convert a transformers PerceiverForImageClassification{Learned,Fourier,ConvProcessing} (weights copied)."""
-        from perceiver_fast.models._hf_convert import perceiver_io_from_hf
-
-        return perceiver_io_from_hf(cls, hf_model, attention=attention, fold=fold)
 
     def encode(self, images: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images -> latents (B, num_latents, latent_dim)."""
