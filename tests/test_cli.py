@@ -45,6 +45,8 @@ def test_bench_quick_on_cpu_writes_csv_json_and_plots(tmp_path):
     fused = [r for r in ops if r["backend"] == "fused"]
     assert fused and all(r["status"] == "ok" for r in fused), fused
     assert all(float(r["relerr"]) < 1e-4 for r in fused if r["direction"] == "fwd")
+    assert all(float(r["grad_relerr"]) < 1e-4 for r in fused if r["direction"] == "fwd+bwd")
+    assert all(float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"]) for r in fused)
     assert all(r["speedup_vs_eager"] for r in fused)
     models = [r for r in rows if r["section"] == "model"]
     hf = [r for r in models if r["backend"] == "hf:eager"]

@@ -247,6 +247,16 @@ def sweep_shapes(ms: List[int], base: AttnShape = SWEEP_BASE) -> List[AttnShape]
     return [base.replace(name=f"sweep-M{m}", M=m) for m in ms]
 
 
+# Cross-attention against head dim D (8 heads, M 16384; the kernels' head-dim buckets up to 512).
+HEADDIM_BASE = AttnShape("headdim", "cross", 8, 8, 512, 16384, 64, 64, note="8-head cross-attention, M 16384")
+HEADDIM_D = [32, 64, 128, 256, 261, 512]
+HEADDIM_D_QUICK = [64, 128, 256]
+
+
+def headdim_shapes(ds: List[int], base: AttnShape = HEADDIM_BASE) -> List[AttnShape]:
+    return [base.replace(name=f"headdim-D{d}", Dqk=d, Dv=d) for d in ds]
+
+
 # Layer targets of issue 6: HF PerceiverLayer vs ours, same weights, B8.
 LAYER_CASES: List[LayerCase] = [
     LayerCase("learned", 8, 512, 50176, 1024, 512, note="learned positions, kv_dim 512"),

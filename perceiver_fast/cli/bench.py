@@ -31,6 +31,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--list", action="store_true", help="list the shapes with FLOPs, bytes and H200 floor; run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compare", metavar="OLD/results.json", default=None,
+                   help="print each case's change in time against an earlier run; exit 1 if any case is slower "
+                        "than --threshold")
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="--compare: the slowdown (0.10 = 10%%) past which the command fails")
     add_interpret_flag(p)
 
 
@@ -67,6 +72,16 @@ def run(args: argparse.Namespace) -> int:
     _check_names("op case", ops, [s.name for s in S.ATTN_SHAPES] + list(OP_GROUPS))
     models = split_list(args.models)
     _check_names("model case", models, [c.name for c in S.MODEL_CASES])
+    old_rows = None
+    if args.compare is not None:
+        from perceiver_fast.bench.compare import load_rows
+
+        if not args.threshold >= 0:
+            raise UsageError(f"--threshold must be >= 0, got {args.threshold}")
+        try:
+            old_rows = load_rows(args.compare)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     backends = split_list(args.backends)
     _check_names("backend", backends, known_backends())
     try:
@@ -92,4 +107,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"No GPU: the Triton kernels need a CUDA GPU. The 'fused' rows above timed the "
               f"{result['env']['fused_path']} path on {result['env']['device']}, at small sizes.")
     print(f"wrote {', '.join(paths[k] for k in sorted(paths))} ({result['env']['elapsed_s']} s)")
+    if old_rows is not None:
+        from perceiver_fast.bench.compare import compare
+
+        lines, regressed = compare(old_rows, result["rows"], args.threshold)
+        print()
+        print(f"compared with {args.compare}:")
+        print("\n".join(lines))
+        return 1 if regressed else 0
     return 0
