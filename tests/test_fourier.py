@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, requires_cuda
+from helpers import HAS_CUDA, requires_cuda
 from perceiver_fast import FourierPositionEncoding, fourier_encode, fourier_features
 from perceiver_fast import _extension
 from perceiver_fast.ops.fourier import fourier_channels

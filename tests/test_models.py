@@ -5,32 +5,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import TINY, images
 from perceiver_fast.models import Perceiver, PerceiverIO, ViT
-
-TINY = {
-    "perceiver": lambda **kw: Perceiver(image_size=8, patch_size=2, in_channels=1, num_classes=10, num_latents=4,
-                                        latent_dim=16, self_heads=2, depth=1, **kw),
-    "perceiver-io-learned": lambda **kw: PerceiverIO(image_size=8, in_channels=1, num_classes=10,
-                                                     preprocessing="learned", num_latents=4, latent_dim=16,
-                                                     num_blocks=2, num_self_attends_per_block=1, self_heads=2,
-                                                     prep_channels=8, pos_channels=8, **kw),
-    "perceiver-io-fourier": lambda **kw: PerceiverIO(image_size=8, in_channels=1, num_classes=10,
-                                                     preprocessing="fourier", num_latents=4, latent_dim=16,
-                                                     num_blocks=2, num_self_attends_per_block=1, self_heads=2,
-                                                     num_bands=3, **kw),
-    "perceiver-io-conv": lambda **kw: PerceiverIO(image_size=12, in_channels=1, num_classes=10,
-                                                  preprocessing="conv", num_latents=4, latent_dim=16, num_blocks=1,
-                                                  num_self_attends_per_block=1, self_heads=2, prep_channels=4,
-                                                  num_bands=2, **kw),
-    "vit": lambda **kw: ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=16, depth=2, heads=2,
-                            **kw),
-}
-
-
-def _images(name, b=2):
-    size = 12 if name == "perceiver-io-conv" else 8
-    return torch.randn(b, 1, size, size)
-
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_fused_equals_eager_logits_and_grads(name):
@@ -38,7 +14,7 @@ def test_fused_equals_eager_logits_and_grads(name):
     fused = TINY[name](attention="fused").eval()
     eager = TINY[name](attention="eager").eval()
     eager.load_state_dict(fused.state_dict())
-    x = _images(name)
+    x = images(name)
     a, b = fused(x), eager(x)
     assert a.shape == (2, 10)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -121,7 +97,7 @@ def test_mismatched_image_size_is_a_clear_error():
 @pytest.mark.parametrize("name", ["perceiver", "perceiver-io-learned"])
 def test_state_dict_and_safetensors_round_trip(name, tmp_path):
     model = TINY[name](attention="fused").eval()
-    x = _images(name)
+    x = images(name)
     want = model(x)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -143,7 +119,7 @@ def test_torch_compile_fullgraph(name):
     """torch.compile with fullgraph=True: no graph breaks anywhere, our custom ops included."""
     torch._dynamo.reset()
     model = TINY[name](attention="fused")
-    x = _images(name)
+    x = images(name)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out = compiled(x)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
@@ -155,7 +131,7 @@ def test_torch_compile_fullgraph(name):
 
 def test_autocast_eager_bf16():
     model = TINY["perceiver-io-fourier"](attention="eager").eval()
-    x = _images("perceiver-io-fourier")
+    x = images("perceiver-io-fourier")
     want = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -172,7 +148,7 @@ def test_autocast_fused_op_bf16_torch_backend(monkeypatch):
     model = TINY["perceiver"](attention="fused").eval()
     ref = TINY["perceiver"](attention="eager").eval()
     ref.load_state_dict(model.state_dict())
-    x = _images("perceiver")
+    x = images("perceiver")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
         want = ref(x)

@@ -65,8 +65,9 @@ def attn_case_rows(shape: S.AttnShape, backend: str, opts, section: str, backwar
         state: Dict = {}
 
         def inputs() -> Dict:
-            if "inp" not in state:
-                state["inp"] = attn_inputs(shape, dt, dev, requires_grad=backward)
+            if "inp" not in state:  # built on first use (a skipped case allocates nothing), with grad mode on:
+                with torch.enable_grad():  # SDPA's transposed views must stay connected to the leaves
+                    state["inp"] = attn_inputs(shape, dt, dev, requires_grad=backward)
             return state["inp"]
 
         def fb():
