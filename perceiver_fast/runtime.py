@@ -73,6 +73,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the result is an ordinary output file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
