@@ -124,6 +124,11 @@ def test_no_command_is_a_usage_error():
     (("train", "--out", "{file}"), "exists and is not a folder"),
     (("train", "--lr", "-1"), "--lr must be a finite number > 0, got -1"),
     (("train", "--limit", "0"), "--limit must be >= 1"),
+    (("train", "--seed", "-1"), "--seed must be >= 0, got -1"),
+    (("train", "--lr", "inf"), "--lr must be a finite number > 0, got inf"),
+    (("train", "--test-fraction", "1.5"), "--test-fraction must be a finite number > 0 and < 1"),
+    (("train", "--warmup-epochs", "nan"), "--warmup-epochs must be a finite number"),
+    (("bench", "--compare", "{file}"), "cannot read it as JSON"),
     (("train", "--max-steps", "0"), "--max-steps must be >= 1"),
     (("train", "--limit", "40", "--test-fraction", "0.99"), "--test-fraction 0.99 leaves none of the 40 examples"),
 ])
