@@ -78,13 +78,25 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+HUB = ["huggingface_hub>=0.22", "safetensors"]
+EXTRAS = {
+    "hub": HUB,  # save_pretrained / from_pretrained
+    "hf": ["transformers"],  # HF Perceiver conversion, patching and bench baselines
+    "timm": ["timm"],  # timm ViT conversion, patching and bench baselines
+    "train": ["numpy", "scikit-learn", "matplotlib", "tqdm"] + HUB,  # perceiver-fast train
+}
+EXTRAS["dev"] = sorted({d for deps in EXTRAS.values() for d in deps} | {"pytest", "pytest-benchmark", "ninja",
+                                                                         "pybind11"})
+
 setup(
     name="perceiver_fast",
     version="0.1.0",
     description="Fused GPU kernels for the Perceiver, Perceiver IO and ViT",
     packages=find_packages(include=["perceiver_fast*"]),
     python_requires=">=3.10",
+    # The kernels, layers, models and `perceiver-fast bench` need only torch and triton; the rest is opt-in.
     install_requires=["torch", "triton>=3.6"],
+    extras_require=EXTRAS,
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
     entry_points={"console_scripts": ["perceiver-fast=perceiver_fast.cli:main"]},

@@ -73,6 +73,7 @@ def test_fourier_cpu(benchmark, case, impl):
     )
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["eager", "fused", "copy", "fill"])

@@ -4,10 +4,17 @@ The default dataset is scikit-learn's bundled digits (1797 8x8 grey images,
 no download), split train/test with a fixed seed. A user's ``.npz`` works too:
 ``x`` N x H x W x C uint8 and ``y`` N integer labels.
 
-Outputs (in ``--out``): ``model.safetensors`` (the state_dict) with
-``config.json`` (how to rebuild the model), ``metrics.json`` (per-epoch loss and
-accuracy, final test accuracy, wall time) and ``training.png`` (loss and
-accuracy curves).
+Outputs (in ``out``, created at the first checkpoint): a ``from_pretrained``
+folder (``config.json`` and ``model.safetensors``, rewritten after every epoch:
+``ViT.from_pretrained(out)`` etc. loads it), ``training.json`` (model family,
+label mapping, input normalisation), ``metrics.json`` (per-epoch loss and
+accuracy, final test accuracy, wall time; strict JSON) and ``training.png``
+(loss and accuracy curves). Every file is written atomically.
+
+Errors are ordinary exceptions: ValueError/TypeError naming the argument for
+bad configs and data (raised before any work), :class:`NonFiniteLossError`
+when the loss diverges. The ``perceiver-fast train`` command prints them as one
+line.
 
 Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel:
 process group from the environment (nccl on GPUs, gloo on CPUs), a
@@ -15,19 +22,22 @@ DistributedSampler over the training set; rank 0 prints and writes.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import importlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from perceiver_fast.cli import UsageError, prepare_out_dir, resolve_device
+from perceiver_fast.ops.backend import attention_backend
+from perceiver_fast.runtime import atomic_write, check_output_dir, resolve_device
 
 MODELS = ("perceiver", "perceiver-io", "vit")
 
@@ -44,6 +54,9 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     name: str
+    labels: List[int]  # the original label of each class index
+    mean: List[float]  # per-channel normalisation of the inputs (training split)
+    std: List[float]
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
@@ -51,8 +64,13 @@ class Dataset:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
 
-def load_arrays(dataset: str) -> Tuple[np.ndarray, np.ndarray, str]:
-    """(x uint8 N x H x W x C, y int N, name). Raises UsageError with a one-line reason."""
+MAX_CLASSES = 10_000
+
+
+def load_arrays(dataset: str):
+    """(x uint8 N x H x W x C, y int64 N, name) as numpy arrays. Raises ValueError with a one-line reason."""
+    import numpy as np
+
     if dataset == "digits":
         from sklearn.datasets import load_digits
 
@@ -62,48 +80,71 @@ def load_arrays(dataset: str) -> Tuple[np.ndarray, np.ndarray, str]:
         return x, d.target.astype(np.int64), "digits"
     path = os.path.expanduser(dataset)
     if not path.endswith(".npz"):
-        raise UsageError(f"--dataset must be 'digits' or a .npz file, got {dataset!r}")
+        raise ValueError(f"dataset must be 'digits' or a .npz file, got {dataset!r}")
     if not os.path.isfile(path):
-        raise UsageError(f"dataset file not found: {path}")
+        raise ValueError(f"dataset file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
-            if not {"x", "y"} <= keys:
-                raise UsageError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(keys) or 'nothing'}")
-            x, y = f["x"], f["y"]
-    except UsageError:
-        raise
+            x, y = (f["x"], f["y"]) if {"x", "y"} <= keys else (None, None)
     except Exception as e:
-        raise UsageError(f"cannot read {path} as .npz: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read {path} as .npz: {type(e).__name__}: {e}") from None
+    if x is None:
+        raise ValueError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(keys) or 'nothing'}")
     if x.ndim != 4 or x.dtype != np.uint8 or 0 in x.shape[1:]:
-        raise UsageError(f"x must be an N x H x W x C uint8 array with H, W, C >= 1; {path} has x of shape "
+        raise ValueError(f"x must be an N x H x W x C uint8 array with H, W, C >= 1; {path} has x of shape "
                          f"{tuple(x.shape)} and dtype {x.dtype}")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-        raise UsageError(f"y must be N integer labels matching x (N = {x.shape[0]}); {path} has y of shape "
+        raise ValueError(f"y must be N integer labels matching x (N = {x.shape[0]}); {path} has y of shape "
                          f"{tuple(y.shape)} and dtype {y.dtype}")
     if x.shape[0] < 10:
-        raise UsageError(f"{path} has only {x.shape[0]} examples; need at least 10 to split train/test")
-    if y.min() < 0:
-        raise UsageError(f"labels must be >= 0; {path} has y.min() = {y.min()}")
+        raise ValueError(f"{path} has only {x.shape[0]} examples; need at least 10 to split train/test")
     return x, y.astype(np.int64), os.path.basename(path)
 
 
+def encode_labels(y, source: str = "y"):
+    """Labels -> (class indices 0..K-1, the K original labels in order).
+
+    Sparse or shifted labels ({0, 2000000}, {-1, 1}) are remapped to 0..K-1 (the
+    list of originals is saved with the checkpoint), so the head has K outputs,
+    not max(y) + 1. Refused, with the reason: fewer than 2 classes, more than
+    MAX_CLASSES, or fewer than 2 examples per class on average (ids, not labels).
+    """
+    import numpy as np
+
+    classes, index = np.unique(y, return_inverse=True)
+    k, n = len(classes), len(y)
+    if k < 2:
+        raise ValueError(f"{source} has a single label ({classes[0] if k else 'none'}); a classifier needs >= 2")
+    if k > MAX_CLASSES:
+        raise ValueError(f"{source} has {k} distinct labels; at most {MAX_CLASSES} classes are supported")
+    if 2 * k > n:
+        raise ValueError(f"{source} has {k} distinct labels for {n} examples: fewer than 2 examples per class "
+                         f"on average, which looks like ids, not class labels")
+    return index.astype(np.int64), [int(c) for c in classes]
+
+
 def make_dataset(dataset: str, test_fraction: float = 0.2, seed: int = 0, limit: Optional[int] = None) -> Dataset:
+    """Loads, checks, remaps the labels, splits train/test with ``seed`` and normalises with the training mean/std."""
+    import numpy as np
+
     x, y, name = load_arrays(dataset)
     if limit:
         x, y = x[:limit], y[:limit]
+    y, classes = encode_labels(y, f"y of {name}")
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = idx[:n_test], idx[n_test:]
     if len(train) == 0:
-        raise UsageError(f"{len(x)} examples with --test-fraction {test_fraction} leave none to train on")
+        raise ValueError(f"test_fraction {test_fraction} leaves none of the {len(x)} examples to train on")
     xf = x.astype(np.float32) / 255.0
     mean = xf[train].mean(axis=(0, 1, 2), keepdims=True)
     std = xf[train].std(axis=(0, 1, 2), keepdims=True) + 1e-6
     xf = ((xf - mean) / std).transpose(0, 3, 1, 2)  # NHWC -> NCHW, the models' layout
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return Dataset(t(xf[train]), t(y[train]), t(xf[test]), t(y[test]), int(y.max()) + 1, name)
+    return Dataset(t(xf[train]), t(y[train]), t(xf[test]), t(y[test]), len(classes), name, classes,
+                   mean.ravel().tolist(), std.ravel().tolist())
 
 
 def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -163,10 +204,10 @@ def patch_size_for(H: int, W: int, preset: int) -> int:
 
 
 def build_model(model: str, image_shape, num_classes: int, attention: str, size: str = "default",
-                overrides: Optional[Dict] = None):
+                overrides: Optional[Dict] = None) -> Tuple[torch.nn.Module, Dict]:
     """(nn.Module, keyword arguments to rebuild it). image_shape is (C, H, W); the model takes (B, C, H, W)."""
     if model not in MODELS:
-        raise UsageError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     from perceiver_fast import models as M
 
     cls = {"perceiver": M.Perceiver, "perceiver-io": M.PerceiverIO, "vit": M.ViT}[model]
@@ -179,7 +220,7 @@ def build_model(model: str, image_shape, num_classes: int, attention: str, size:
         net = cls(**kw)
     except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: e.g. no memory for a huge class count
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot build {model} for images of shape {tuple(image_shape)} and {num_classes} "
+        raise ValueError(f"cannot build {model} for images of shape {tuple(image_shape)} and {num_classes} "
                          f"classes: {reason}") from None
     kw["image_size"] = [H, W]
     return net, kw
@@ -226,6 +267,8 @@ def init_distributed(device_arg: Optional[str]) -> Tuple[Dist, torch.device]:
 
 @dataclass
 class TrainConfig:
+    """What ``train`` does; :func:`check_config` range-checks every field before any work."""
+
     model: str = "vit"
     dataset: str = "digits"
     attention: str = "fused"
@@ -243,6 +286,39 @@ class TrainConfig:
     device: Optional[str] = None
     out: str = "runs/train"
     quiet: bool = False
+
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take [0, 2**32 - 1]
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Every field range-checked; returns a copy with the device resolved. ValueError/TypeError naming the field."""
+    from perceiver_fast.layers.checks import check_float, check_int
+
+    def one_of(name: str, value, choices) -> None:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+    one_of("model", cfg.model, MODELS)
+    one_of("attention", cfg.attention, ("fused", "eager"))
+    one_of("size", cfg.size, tuple(PRESETS[cfg.model]))
+    if not isinstance(cfg.dataset, str) or not cfg.dataset:
+        raise ValueError(f"dataset must be 'digits' or a .npz path, got {cfg.dataset!r}")
+    check_int("epochs", cfg.epochs)
+    check_int("batch_size", cfg.batch_size)
+    check_float("lr", cfg.lr, include_minimum=False)
+    check_float("weight_decay", cfg.weight_decay)
+    check_float("warmup_epochs", cfg.warmup_epochs)
+    check_int("shift", cfg.shift, minimum=0)
+    check_float("test_fraction", cfg.test_fraction, 0.0, 1.0, include_minimum=False, include_maximum=False)
+    if check_int("seed", cfg.seed, minimum=0) > MAX_SEED:
+        raise ValueError(f"seed must be <= {MAX_SEED}, got {cfg.seed}")
+    for name in ("max_steps", "limit"):
+        if getattr(cfg, name) is not None:
+            check_int(name, getattr(cfg, name))
+    device = str(resolve_device(cfg.device)) if cfg.device is not None else None
+    check_output_dir(cfg.out)
+    return dataclasses.replace(cfg, device=device)
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, device, batch_size: int = 256) -> Tuple[float, float]:
@@ -277,22 +353,94 @@ def save_plot(history: List[Dict], path: str, title: str) -> None:
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the last checkpoint written (if any) is from a finite epoch."""
+
+
+def _finite_or_none(value):
+    """metrics.json is strict JSON: a non-finite number becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: str, obj) -> None:
+    """Strict JSON (no NaN/Infinity), written atomically."""
+    text = json.dumps(_finite_or_none(obj), indent=1, allow_nan=False)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
+
+
+def save_checkpoint(model, out: str, training: Dict) -> None:
+    """A ``from_pretrained`` folder: config.json + model.safetensors (the model's constructor config and
+    weights, via its save_pretrained), plus training.json (model family, label mapping, normalisation).
+
+    Saved into a temporary folder inside ``out`` and moved file by file, so ``out`` always holds one
+    complete checkpoint: the previous one or the new one.
+    """
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=out)
+    try:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training.json"), "w") as fh:
+            json.dump(_finite_or_none(training), fh, indent=1, allow_nan=False)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_train_dependencies() -> None:
+    missing = []
+    for module in ("numpy", "huggingface_hub", "safetensors", "matplotlib"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"training needs {', '.join(missing)}: pip install 'perceiver_fast[train]'")
+
+
+def _all_finite(loss: torch.Tensor, dist_info: "Dist") -> bool:
+    """Whether every rank's loss is finite (one all-reduce under DDP, so that all ranks stop together)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
 def train(cfg: TrainConfig) -> Dict:
-    """Train; returns the metrics dict (also written to out/metrics.json)."""
-    if cfg.model not in MODELS:
-        raise UsageError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    if cfg.attention not in ("fused", "eager"):
-        raise UsageError(f"--attention must be fused or eager, got {cfg.attention!r}")
+    """Train; returns the metrics dict (also written to out/metrics.json).
+
+    Every field of ``cfg`` and the dataset are checked before any work
+    (ValueError/TypeError naming the field); ``out`` is created at the first
+    checkpoint, so a rejected run leaves nothing behind. A checkpoint is written
+    after every epoch; a NaN/inf loss stops the run with NonFiniteLossError,
+    keeping the last checkpoint, which is from an epoch whose losses were finite.
+    """
+    cfg = check_config(cfg)
+    _check_train_dependencies()
+    # Data and model before the process group: a bad dataset fails fast, on every rank alike.
+    data = make_dataset(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.limit)
+    torch.manual_seed(cfg.seed)
+    model, model_cfg = build_model(cfg.model, data.image_shape, data.num_classes, cfg.attention, cfg.size)
     dist_info, device = init_distributed(cfg.device)
     log = (lambda *a: print(*a, flush=True)) if dist_info.main and not cfg.quiet else (lambda *a: None)
     try:
-        torch.manual_seed(cfg.seed)
-        data = make_dataset(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.limit)
-        model, model_cfg = build_model(cfg.model, data.image_shape, data.num_classes, cfg.attention, cfg.size)
         model = model.to(device)
         nparam = sum(p.numel() for p in model.parameters())
         log(f"{cfg.model} ({nparam / 1e3:.1f}k params, attention={cfg.attention}) on {data.name}: "
@@ -300,9 +448,8 @@ def train(cfg: TrainConfig) -> Dict:
             f"{data.num_classes} classes, device {device}" +
             (f", DDP world {dist_info.world}" if dist_info.enabled else ""))
         if cfg.attention == "fused" and device.type == "cpu":
-            from perceiver_fast.bench.runner import fused_path
-
-            log(f"fused attention on CPU runs the ops' {fused_path('cpu')} path (the Triton kernels need a GPU)")
+            log(f"fused attention on CPU runs the ops' {attention_backend(device)} path (the Triton kernels "
+                f"need a GPU)")
         net = model
         if dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -322,18 +469,29 @@ def train(cfg: TrainConfig) -> Dict:
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
         decay, no_decay = [], []
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             (no_decay if p.ndim < 2 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        training = dict(model=cfg.model, image_shape=list(data.image_shape), num_classes=data.num_classes,
+                        labels=data.labels, mean=data.mean, std=data.std, attention=cfg.attention,
+                        dataset=data.name)
         history: List[Dict] = []
         step_losses: List[float] = []
         step = 0
         t0 = time.time()
         epoch = 0
+
+        def metrics() -> Dict:
+            return dict(config=asdict(cfg), model_config=model_cfg, params=nparam, device=str(device),
+                        world_size=dist_info.world, history=history, step_losses=step_losses,
+                        test_acc=history[-1]["test_acc"] if history else None,
+                        test_loss=history[-1]["test_loss"] if history else None,
+                        train_time_s=round(time.time() - t0, 2), torch=torch.__version__)
+
         while step < total:
             epoch += 1
             if sampler is not None:
@@ -347,6 +505,11 @@ def train(cfg: TrainConfig) -> Dict:
                 yb = yb.to(device)
                 logits = net(xb).float()
                 loss = F.cross_entropy(logits, yb)
+                if not _all_finite(loss, dist_info):
+                    where = (f"the last good checkpoint (epoch {epoch - 1}) is in {cfg.out}" if epoch > 1
+                             else "no checkpoint was written")
+                    raise NonFiniteLossError(f"the training loss is {loss.item()} at epoch {epoch}, step {step + 1}; "
+                                             f"stopped ({where}); try a lower lr than {cfg.lr}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -363,69 +526,18 @@ def train(cfg: TrainConfig) -> Dict:
             history.append(h)
             log(f"epoch {epoch:3d} step {step:5d}/{total}  loss {h['train_loss']:.4f}  train acc {h['train_acc']:.3f}"
                 f"  test loss {test_loss:.4f}  test acc {test_acc:.4f}  {h['elapsed_s']:.1f} s")
-        elapsed = time.time() - t0
-        metrics = dict(config=asdict(cfg), model_config=model_cfg, params=nparam, device=str(device),
-                       world_size=dist_info.world, history=history, step_losses=step_losses,
-                       test_acc=history[-1]["test_acc"], test_loss=history[-1]["test_loss"],
-                       train_time_s=round(elapsed, 2), torch=torch.__version__)
+            if dist_info.main:
+                save_checkpoint(model, cfg.out, training)
+                write_json(os.path.join(cfg.out, "metrics.json"), metrics())
+        result = metrics()
         if dist_info.main:
-            os.makedirs(cfg.out, exist_ok=True)
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, os.path.join(cfg.out, "model.safetensors"))
-            with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-                json.dump({"model": cfg.model, "model_config": model_cfg, "image_shape": list(data.image_shape),
-                           "num_classes": data.num_classes, "attention": cfg.attention}, fh, indent=1)
-            with open(os.path.join(cfg.out, "metrics.json"), "w") as fh:
-                json.dump(metrics, fh, indent=1)
             save_plot(history, os.path.join(cfg.out, "training.png"),
-                      f"{cfg.model} on {data.name}, attention={cfg.attention}: test acc {metrics['test_acc']:.4f}")
-            log(f"test accuracy {metrics['test_acc']:.4f} after {epoch} epochs, {elapsed:.1f} s; wrote "
-                f"{cfg.out}/model.safetensors, config.json, metrics.json, training.png")
-        return metrics
+                      f"{cfg.model} on {data.name}, attention={cfg.attention}: test acc {result['test_acc']:.4f}")
+            log(f"test accuracy {result['test_acc']:.4f} after {epoch} epochs, {result['train_time_s']:.1f} s; "
+                f"wrote {cfg.out}/config.json, model.safetensors, training.json, metrics.json, training.png")
+        return result
     finally:
         if dist_info.enabled:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--model", choices=MODELS, default=d.model, help="model family")
-    p.add_argument("--dataset", default=d.dataset, help="'digits' (sklearn, bundled) or a .npz with x (N,H,W,C "
-                                                        "uint8) and y (N int)")
-    p.add_argument("--attention", choices=["fused", "eager"], default=d.attention,
-                   help="fused ops (Triton on a GPU, their PyTorch fallback on a CPU) or eager attention")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate (warm-up, cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only)")
-    p.add_argument("--shift", type=int, default=d.shift, help="random-translation augmentation in pixels (0: off)")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share of the data")
-    p.add_argument("--seed", type=int, default=d.seed, help="split, init and shuffling seed")
-    p.add_argument("--size", choices=["default", "tiny"], default=d.size, help="model size preset")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-
-
-def train_from_args(args: argparse.Namespace) -> Dict:
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be >= 1")
-    if not 0 < args.test_fraction < 1:
-        raise UsageError("--test-fraction must be between 0 and 1")
-    if not args.lr > 0 or not args.weight_decay >= 0:
-        raise UsageError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}")
-    for flag in ("max_steps", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.device is not None:
-        args.device = resolve_device(args.device)
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_out_dir(args.out)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
-    return train(cfg)

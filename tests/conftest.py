@@ -14,13 +14,11 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# test_attention*.py still import these from here; the helpers themselves live in helpers.py.
+from helpers import DEVICES, requires_cuda  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")

@@ -5,18 +5,30 @@ import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 from typing import Iterator, List
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 import pytest  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
+# GPU-only tests: the `gpu` marker pyproject declares (select with -m gpu) plus a skip with the reason.
+# `pytestmark = GPU_MARKS` for a module, `@requires_cuda` for one test.
+GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")]
+
+
+def requires_cuda(fn):
+    """Marks a test ``gpu`` and skips it, saying why, where there is no CUDA GPU."""
+    for mark in GPU_MARKS:
+        fn = mark(fn)
+    return fn
 
 FUSED_FWD = "perceiver_fast::attention_fwd"
 
@@ -100,3 +112,36 @@ def import_timm():
     import timm
 
     return timm
+
+
+# Tiny models of every family, for the model tests (CPU and GPU); built lazily so helpers imports no model.
+def _models():
+    from perceiver_fast.models import Perceiver, PerceiverIO, ViT
+
+    return Perceiver, PerceiverIO, ViT
+
+
+TINY = {
+    "perceiver": lambda **kw: _models()[0](image_size=8, patch_size=2, in_channels=1, num_classes=10, num_latents=4,
+                                        latent_dim=16, self_heads=2, depth=1, **kw),
+    "perceiver-io-learned": lambda **kw: _models()[1](image_size=8, in_channels=1, num_classes=10,
+                                                     preprocessing="learned", num_latents=4, latent_dim=16,
+                                                     num_blocks=2, num_self_attends_per_block=1, self_heads=2,
+                                                     prep_channels=8, pos_channels=8, **kw),
+    "perceiver-io-fourier": lambda **kw: _models()[1](image_size=8, in_channels=1, num_classes=10,
+                                                     preprocessing="fourier", num_latents=4, latent_dim=16,
+                                                     num_blocks=2, num_self_attends_per_block=1, self_heads=2,
+                                                     num_bands=3, **kw),
+    "perceiver-io-conv": lambda **kw: _models()[1](image_size=12, in_channels=1, num_classes=10,
+                                                  preprocessing="conv", num_latents=4, latent_dim=16, num_blocks=1,
+                                                  num_self_attends_per_block=1, self_heads=2, prep_channels=4,
+                                                  num_bands=2, **kw),
+    "vit": lambda **kw: _models()[2](image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=16, depth=2, heads=2,
+                            **kw),
+}
+
+
+def images(name: str, b: int = 2) -> torch.Tensor:
+    """A random batch of the size the TINY model ``name`` takes."""
+    size = 12 if name == "perceiver-io-conv" else 8
+    return torch.randn(b, 1, size, size)

@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
+import perceiver_fast.ops.fourier
+
 from perceiver_fast.bench import shapes as S
 from perceiver_fast.bench.backends import attn_backend, attn_inputs, attn_reference64
 from perceiver_fast.bench.report import write_all
-from perceiver_fast.bench.runner import ROW_FIELDS, BenchOptions, add_speedups, make_row, run
+from perceiver_fast.bench.runner import BenchOptions, add_speedups, run
+from perceiver_fast.bench.schema import ROW_FIELDS, make_row
 from perceiver_fast.bench.targets import evaluate
 
 
@@ -116,7 +119,7 @@ def test_writers_produce_parseable_csv_json_and_png(tmp_path):
     data = json.load(open(paths["json"]))
     for key in ("date", "torch", "triton", "git_commit", "device", "gpu", "fused_path"):
         assert key in data["env"]
-    assert data["env"]["fused_path"] in ("pytorch-fallback", "triton-interpreter")
+    assert data["env"]["fused_path"] in ("torch", "triton-interpreter")
     assert len(data["rows"]) == len(rows)
     assert all(r["ms"] is None or math.isfinite(r["ms"]) for r in data["rows"])
     with open(paths["plot_sweep"], "rb") as fh:
@@ -136,19 +139,20 @@ def test_full_gpu_plan_without_a_gpu():
         count[j.section] = count.get(j.section, 0) + 1
     n_attn_backends = 6  # eager, 4 SDPA backends, fused
     assert count == {"ceiling": 2, "op": len(S.ATTN_SHAPES) * n_attn_backends + 3, "layer": 3 * 3,
-                     "model": 3 * 3 + 4, "sweep": len(S.SWEEP_M) * n_attn_backends}
+                     "model": 3 * 3 + 4, "sweep": len(S.SWEEP_M) * n_attn_backends,
+                     "headdim": len(S.HEADDIM_D) * n_attn_backends, "fit": n_attn_backends}
     order = [j.section for j in jobs]
-    assert order.index("model") < order.index("sweep")  # a budget cut drops the sweep first
+    assert order.index("model") < order.index("sweep")  # a budget cut drops the sweeps first
 
 
 def test_memory_guard_skips_what_would_not_fit(monkeypatch):
-    from perceiver_fast.bench import runner
+    from perceiver_fast.bench import ops as runner
 
     monkeypatch.setattr(runner, "free_bytes", lambda device: 2 * 2**30)
     big = S.SWEEP_BASE.replace(M=200704)  # ~3.1 GiB of scores + softmax for eager in bf16
-    assert "skipped: needs" in runner._memory_guard(big, "eager", "bfloat16", False, "cuda")
-    assert runner._memory_guard(big, "fused", "bfloat16", False, "cuda") is None
-    assert runner._memory_guard(S.SWEEP_BASE.replace(M=1024), "sdpa-math", "bfloat16", True, "cuda") is None
+    assert "skipped: needs" in runner.memory_guard(big, "eager", "bfloat16", False, "cuda")
+    assert runner.memory_guard(big, "fused", "bfloat16", False, "cuda") is None
+    assert runner.memory_guard(S.SWEEP_BASE.replace(M=1024), "sdpa-math", "bfloat16", True, "cuda") is None
 
 
 def test_budget_cut_records_skips_and_still_writes(tmp_path):
@@ -157,3 +161,78 @@ def test_budget_cut_records_skips_and_still_writes(tmp_path):
     assert res["rows"] and all(r["status"] == "SKIP" and "time budget" in r["reason"] for r in res["rows"])
     paths = write_all(res, str(tmp_path))
     assert len(list(csv.DictReader(open(paths["csv"])))) == len(res["rows"])
+
+
+@pytest.mark.parametrize("concat_pos,sine_only", [(True, False), (False, False), (True, True), (False, True)])
+def test_fourier_shape_channels_follow_the_flags(concat_pos, sine_only):
+    f = S.FOURIER_SHAPES[0].replace(concat_pos=concat_pos, sine_only=sine_only, index_dims=(3, 4), num_bands=5, B=1)
+    x = torch.randn(1, 3, 4, f.cin)
+    out = perceiver_fast.ops.fourier.fourier_encode(x, 5, concat_pos=concat_pos, sine_only=sine_only)
+    assert out.shape[-1] == f.out_channels
+
+
+def test_op_rows_report_spread_and_check_gradients():
+    # eager only: in this process "fused" runs the Triton interpreter (test_cli times it on the torch path)
+    opts = BenchOptions(device="cpu", quick=True, ops=["keras"], models=[], backends=["eager", "sdpa-math"],
+                        progress=False)
+    rows = run(opts, log=lambda *_: None)["rows"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+    bwd = [r for r in rows if r["direction"] == "fwd+bwd" and r["backend"] == "eager"]
+    assert all(r["grad_relerr"] is not None and r["grad_relerr"] < 1e-4 for r in bwd), bwd
+
+
+def test_wrong_gradients_are_marked_wrong(monkeypatch):
+    from perceiver_fast.bench import ops
+
+    real = ops.grads_reference64
+    monkeypatch.setattr(ops, "grads_reference64", lambda inp: [2 * g for g in real(inp)])
+    shape = S.attn_shape("keras").small().replace(B=1, N=8, M=16)
+    opts = BenchOptions(device="cpu", quick=True).resolved()
+    fwd, bwd = ops.attn_case_rows(shape, "eager", opts, "op", True)
+    assert fwd["status"] == "ok" and bwd["status"] == "WRONG" and "gradient relative error" in bwd["reason"]
+
+
+def test_headdim_sweep_and_largest_m(monkeypatch):
+    from perceiver_fast.bench import ops
+
+    monkeypatch.setattr(ops, "FIT_MAX_M_CPU", 4096)
+    opts = BenchOptions(device="cpu", quick=False, ops=["headdim", "fit"], models=[], backends=["eager"],
+                        progress=False)
+    rows = run(opts, log=lambda *_: None)["rows"]
+    head = [r for r in rows if r["section"] == "headdim"]
+    assert sorted(r["Dqk"] for r in head) == sorted(S.HEADDIM_D) and all(r["status"] == "ok" for r in head)
+    (fit,) = [r for r in rows if r["section"] == "fit"]
+    assert fit["status"] == "ok" and fit["M"] == 4096 and "cap" in fit["reason"]
+
+
+def test_compare_reports_changes_and_flags_regressions():
+    from perceiver_fast.bench.compare import compare
+
+    def r(backend, ms):
+        return make_row(section="op", name="keras", direction="fwd", dtype="float32", backend=backend,
+                        status="ok", ms=ms)
+
+    old = [r("eager", 1.0), r("fused", 1.0)]
+    lines, bad = compare(old, [r("eager", 1.05), r("fused", 1.5)], threshold=0.1)
+    assert [b["backend"] for b in bad] == ["fused"] and any("+50.0%" in line for line in lines)
+    assert compare(old, [r("eager", 0.5), r("fused", 1.09)], threshold=0.1)[1] == []
+
+
+def test_compare_cli_exit_status(tmp_path):
+    from perceiver_fast.cli import main
+
+    args = ["bench", "--quick", "--ops", "keras", "--models", "none", "--backends", "eager", "--no-backward",
+            "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    old = json.load(open(tmp_path / "a" / "results.json"))
+    for row in old["rows"]:
+        row["ms"] = row["ms"] / 100  # the old run was 100x faster: a regression
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(args + ["--out", str(tmp_path / "b"), "--compare", str(tmp_path / "old.json")]) == 1
+    for row in old["rows"]:
+        row["ms"] = row["ms"] * 10000  # now 100x slower: an improvement
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(args + ["--out", str(tmp_path / "c"), "--compare", str(tmp_path / "old.json")]) == 0
+    assert main(args + ["--out", str(tmp_path / "d"), "--compare", str(tmp_path / "nope.json")]) == 2

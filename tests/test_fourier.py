@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, requires_cuda
+from helpers import HAS_CUDA, requires_cuda
 from perceiver_fast import FourierPositionEncoding, fourier_encode, fourier_features
 from perceiver_fast import _extension
 from perceiver_fast.ops.fourier import fourier_channels
@@ -426,3 +426,18 @@ def test_cuda_output_over_2_31_elements():
     feats = fourier_features((224, 224), 64, dtype=torch.float16, device="cuda")
     for b in (0, B // 2, B - 1):
         assert torch.equal(out[b], feats), b
+
+
+def test_without_the_extension_the_ops_fall_back_to_the_eager_formula(monkeypatch):
+    """One route to the encoder: ops.fourier itself falls back (was a second, layer-side route)."""
+    from perceiver_fast.layers.preprocessors import ImagePreprocessor
+    from perceiver_fast.ops import fourier as fourier_module
+
+    x = torch.randn(2, 3, 4, 2)
+    fused = fourier_encode(x, 3)
+    monkeypatch.setattr(fourier_module, "_LOAD_ERROR", ImportError("not built"))
+    assert not fourier_module.fused_available()
+    torch.testing.assert_close(fourier_encode(x, 3), fused)
+    torch.testing.assert_close(fourier_features((3, 4), 3), fourier_features_reference((3, 4), 3))
+    prep = ImagePreprocessor("fourier", image_size=(3, 4), in_channels=2, num_bands=3)
+    torch.testing.assert_close(prep(x.permute(0, 3, 1, 2)), fused)

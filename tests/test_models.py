@@ -1,36 +1,13 @@
 """Models: shapes, fused == eager, presets, convergence, save/load, torch.compile, autocast, bad configs."""
 import io
+import os
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import TINY, images
 from perceiver_fast.models import Perceiver, PerceiverIO, ViT
-
-TINY = {
-    "perceiver": lambda **kw: Perceiver(image_size=8, patch_size=2, in_channels=1, num_classes=10, num_latents=4,
-                                        latent_dim=16, self_heads=2, depth=1, **kw),
-    "perceiver-io-learned": lambda **kw: PerceiverIO(image_size=8, in_channels=1, num_classes=10,
-                                                     preprocessing="learned", num_latents=4, latent_dim=16,
-                                                     num_blocks=2, num_self_attends_per_block=1, self_heads=2,
-                                                     prep_channels=8, pos_channels=8, **kw),
-    "perceiver-io-fourier": lambda **kw: PerceiverIO(image_size=8, in_channels=1, num_classes=10,
-                                                     preprocessing="fourier", num_latents=4, latent_dim=16,
-                                                     num_blocks=2, num_self_attends_per_block=1, self_heads=2,
-                                                     num_bands=3, **kw),
-    "perceiver-io-conv": lambda **kw: PerceiverIO(image_size=12, in_channels=1, num_classes=10,
-                                                  preprocessing="conv", num_latents=4, latent_dim=16, num_blocks=1,
-                                                  num_self_attends_per_block=1, self_heads=2, prep_channels=4,
-                                                  num_bands=2, **kw),
-    "vit": lambda **kw: ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=16, depth=2, heads=2,
-                            **kw),
-}
-
-
-def _images(name, b=2):
-    size = 12 if name == "perceiver-io-conv" else 8
-    return torch.randn(b, 1, size, size)
-
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_fused_equals_eager_logits_and_grads(name):
@@ -38,7 +15,7 @@ def test_fused_equals_eager_logits_and_grads(name):
     fused = TINY[name](attention="fused").eval()
     eager = TINY[name](attention="eager").eval()
     eager.load_state_dict(fused.state_dict())
-    x = _images(name)
+    x = images(name)
     a, b = fused(x), eager(x)
     assert a.shape == (2, 10)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -110,6 +87,66 @@ def test_bad_model_configs(build, match):
         build()
 
 
+SMALL = dict(image_size=8, in_channels=1, num_classes=10)
+SMALL_PIO = dict(SMALL, num_latents=4, latent_dim=16, num_blocks=1, num_self_attends_per_block=1, self_heads=2)
+
+
+@pytest.mark.parametrize(
+    "build, exc, match",
+    [  # impossible configs are refused when built, naming the argument (were ZeroDivisionError, forward-time
+       # errors, silent truncation or an empty model)
+        (lambda: PerceiverIO(**dict(SMALL_PIO, self_heads=0)), ValueError, "self_heads must be >= 1, got 0"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, cross_heads=0)), ValueError, "cross_heads must be >= 1"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, decoder_heads=-1)), ValueError, "decoder_heads must be >= 1"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, image_size=0)), ValueError, "image_size must be >= 1, got 0"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, image_size=-8)), ValueError, "image_size must be >= 1, got -8"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, image_size=8.7)), TypeError, "image_size must be an int, got 8.7"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, image_size=(8, 0))), ValueError, r"image_size\[1\] must be >= 1"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, preprocessing="fourier", num_bands=0)), ValueError,
+         "num_bands must be >= 1, got 0"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, num_classes=0)), ValueError, "num_classes must be >= 1"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, dropout=1.0)), ValueError, "dropout must be a finite number"),
+        (lambda: PerceiverIO(**dict(SMALL_PIO, in_channels=0)), ValueError, "in_channels must be >= 1"),
+        (lambda: ViT(**SMALL, patch_size=2, dim=16, heads=2, depth=-1), ValueError, "depth must be >= 0, got -1"),
+        (lambda: ViT(**SMALL, patch_size=2, dim=16, heads=0), ValueError, "heads must be >= 1, got 0"),
+        (lambda: ViT(**dict(SMALL, image_size=8.7), patch_size=2, dim=16, heads=2), TypeError,
+         "image_size must be an int"),
+        (lambda: ViT(**SMALL, patch_size=0, dim=16, heads=2), ValueError, "patch_size must be >= 1"),
+        (lambda: ViT(**SMALL, patch_size=2, dim=16, heads=2, mlp_ratio=0.01), ValueError,
+         "mlp_ratio 0.01 gives an MLP of width"),
+        (lambda: ViT(**SMALL, patch_size=2, dim=16, heads=2, mlp_ratio=float("nan")), ValueError,
+         "mlp_ratio must be a finite number"),
+        (lambda: ViT(**SMALL, patch_size=2, dim=16, heads=2, emb_dropout=-0.1), ValueError, "emb_dropout"),
+        (lambda: Perceiver(**SMALL, num_latents=4, latent_dim=16, self_heads=2, depth=-1), ValueError,
+         "depth must be >= 0"),
+        (lambda: Perceiver(**SMALL, num_latents=4, latent_dim=16, self_heads=0), ValueError, "heads must be >= 1"),
+        (lambda: Perceiver(**SMALL, num_latents=0, latent_dim=16, self_heads=2), ValueError,
+         "num_latents must be >= 1"),
+        (lambda: Perceiver(**SMALL, num_latents=4, latent_dim=16, self_heads=2, num_iterations=True), TypeError,
+         "num_iterations must be an int"),
+    ],
+)
+def test_impossible_configs_name_the_argument(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_models_save_and_load_pretrained_folders(tmp_path):
+    """Hub-style round trip through local folders only: config.json holds the constructor's arguments."""
+    import json
+
+    for name in ("perceiver", "perceiver-io-fourier", "vit"):
+        model = TINY[name](attention="eager").eval()
+        folder = tmp_path / name
+        model.save_pretrained(str(folder))
+        assert {"config.json", "model.safetensors"} <= set(os.listdir(folder))
+        config = json.load(open(folder / "config.json"))
+        assert config["attention"] == "eager" and config["num_classes"] == 10
+        loaded = type(model).from_pretrained(str(folder)).eval()
+        x = images(name)
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_mismatched_image_size_is_a_clear_error():
     model = TINY["vit"](attention="eager")
     with pytest.raises(ValueError, match=r"expected images of size \(8, 8\), got \(16, 16\)"):
@@ -121,7 +158,7 @@ def test_mismatched_image_size_is_a_clear_error():
 @pytest.mark.parametrize("name", ["perceiver", "perceiver-io-learned"])
 def test_state_dict_and_safetensors_round_trip(name, tmp_path):
     model = TINY[name](attention="fused").eval()
-    x = _images(name)
+    x = images(name)
     want = model(x)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -143,7 +180,7 @@ def test_torch_compile_fullgraph(name):
     """torch.compile with fullgraph=True: no graph breaks anywhere, our custom ops included."""
     torch._dynamo.reset()
     model = TINY[name](attention="fused")
-    x = _images(name)
+    x = images(name)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out = compiled(x)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
@@ -155,7 +192,7 @@ def test_torch_compile_fullgraph(name):
 
 def test_autocast_eager_bf16():
     model = TINY["perceiver-io-fourier"](attention="eager").eval()
-    x = _images("perceiver-io-fourier")
+    x = images("perceiver-io-fourier")
     want = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -170,7 +207,7 @@ def test_autocast_fused_op_bf16_torch_backend(monkeypatch):
     model = TINY["perceiver"](attention="fused").eval()
     ref = TINY["perceiver"](attention="eager").eval()
     ref.load_state_dict(model.state_dict())
-    x = _images("perceiver")
+    x = images("perceiver")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
         want = ref(x)

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from conftest import requires_cuda
-from test_models import TINY, _images
+from helpers import GPU_MARKS, TINY, images
 
-pytestmark = requires_cuda
+
+pytestmark = GPU_MARKS
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -15,7 +15,7 @@ def test_bf16_autocast_fused_matches_eager_on_gpu(name):
     fused = TINY[name](attention="fused").cuda().eval()
     eager = TINY[name](attention="eager").cuda().eval()
     eager.load_state_dict(fused.state_dict())
-    x = _images(name, b=4).cuda()
+    x = images(name, b=4).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = fused(x), eager(x)
     torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
@@ -27,7 +27,7 @@ def test_bf16_autocast_fused_matches_eager_on_gpu(name):
 @pytest.mark.parametrize("name", ["perceiver-io-fourier", "perceiver-io-learned", "vit"])
 def test_cuda_graph_capture_and_replay(name):
     model = TINY[name](attention="fused").cuda().eval()
-    static_x = _images(name, b=4).cuda()
+    static_x = images(name, b=4).cuda()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.no_grad():
@@ -37,7 +37,7 @@ def test_cuda_graph_capture_and_replay(name):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
         static_out = model(static_x)
-    new_x = _images(name, b=4).cuda()
+    new_x = images(name, b=4).cuda()
     static_x.copy_(new_x)
     graph.replay()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """perceiver-fast train, in-process on tiny sizes: data loading and checks,
 augmentation, the loss falls, the checkpoint reloads, DDP under torchrun."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_fast.cli import UsageError
 from perceiver_fast.train import TrainConfig, augment, build_model, load_arrays, make_dataset, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,11 +38,11 @@ def test_npz_checks(tmp_path):
     for name, (arrays, msg) in cases.items():
         p = tmp_path / f"{name}.npz"
         np.savez(p, **arrays)
-        with pytest.raises(UsageError, match=msg):
+        with pytest.raises(ValueError, match=msg):
             load_arrays(str(p))
     notzip = tmp_path / "broken.npz"
     notzip.write_bytes(b"not a zip file")
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read"):
         load_arrays(str(notzip))
 
 
@@ -69,15 +69,23 @@ def test_tiny_training_loss_falls_and_checkpoint_reloads(tmp_path, model):
     first, last = m["history"][0]["train_loss"], m["history"][-1]["train_loss"]
     assert last < first * 0.97, [h["train_loss"] for h in m["history"]]
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
-    for name in ("model.safetensors", "config.json", "metrics.json", "training.png"):
+    for name in ("model.safetensors", "config.json", "training.json", "metrics.json", "training.png"):
         assert (tmp_path / name).is_file()
-    conf = json.load(open(tmp_path / "config.json"))
-    net, _ = build_model(conf["model"], conf["image_shape"], conf["num_classes"], "eager", "tiny")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary files left
+    info = json.load(open(tmp_path / "training.json"))
+    net, _ = build_model(info["model"], info["image_shape"], info["num_classes"], "eager", "tiny")
     net.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    # the folder is a from_pretrained folder: same class, same config, same weights
+    from perceiver_fast.models import Perceiver, PerceiverIO, ViT
+
+    cls = {"perceiver": Perceiver, "perceiver-io": PerceiverIO, "vit": ViT}[model]
+    loaded = cls.from_pretrained(str(tmp_path)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), net.eval()(x))
 
 
 def test_unknown_model_is_a_usage_error():
-    with pytest.raises(UsageError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet", (1, 8, 8), 10, "eager")
 
 
@@ -101,13 +109,13 @@ def test_ddp_under_torchrun_two_cpu_processes(tmp_path):
 def test_npz_with_an_empty_image_axis_is_refused(tmp_path, shape):
     p = tmp_path / "empty.npz"
     np.savez(p, x=np.zeros(shape, np.uint8), y=np.arange(20) % 2)
-    with pytest.raises(UsageError, match=r"H, W, C >= 1.*\(20, "):
+    with pytest.raises(ValueError, match=r"H, W, C >= 1.*\(20, "):
         load_arrays(str(p))
 
 
 def test_model_that_cannot_be_built_is_a_usage_error():
     # 10**12 classes: the classifier cannot be allocated (was a RuntimeError traceback)
-    with pytest.raises(UsageError, match="cannot build vit .* 1000000000000 classes"):
+    with pytest.raises(ValueError, match="cannot build vit .* 1000000000000 classes"):
         build_model("vit", (1, 8, 8), 10**12, "eager", "tiny")
 
 
@@ -127,3 +135,127 @@ def test_patch_size_scales_with_the_image(hw, preset, expected):
         assert (hw[0] // p) * (hw[1] // p) <= MAX_PATCH_TOKENS
     net, kw = build_model("vit", (3, *hw), 10, "eager", "tiny")
     assert kw["patch_size"] == patch_size_for(*hw, PRESETS["vit"]["tiny"]["patch_size"])
+
+
+def _npz(path, y, n=None, hw=6):
+    y = np.asarray(y)
+    np.savez(path, x=np.random.randint(0, 255, (len(y), hw, hw, 1), dtype=np.uint8), y=y)
+    return str(path)
+
+
+def test_sparse_labels_are_remapped_and_the_mapping_saved(tmp_path):
+    # 19 zeros and one 2,000,000: two classes (was a 2,000,001-class head and a 521 MB checkpoint)
+    data = _npz(tmp_path / "sparse.npz", [0] * 19 + [2_000_000])
+    ds = make_dataset(data, seed=0)
+    assert ds.num_classes == 2 and ds.labels == [0, 2_000_000]
+    assert set(torch.cat([ds.y_train, ds.y_test]).tolist()) == {0, 1}
+    out = tmp_path / "run"
+    train(TrainConfig(model="vit", size="tiny", attention="eager", dataset=data, epochs=1, batch_size=8,
+                      out=str(out), quiet=True))
+    assert json.load(open(out / "training.json"))["labels"] == [0, 2_000_000]
+    assert json.load(open(out / "config.json"))["num_classes"] == 2
+    assert os.path.getsize(out / "model.safetensors") < 1_000_000
+
+
+def test_negative_labels_are_remapped_too():
+    from perceiver_fast.train import encode_labels
+
+    y, labels = encode_labels(np.array([-1, 1, -1, 1, 5, 5]))
+    assert labels == [-1, 1, 5] and y.tolist() == [0, 1, 0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("y,match", [
+    ([3] * 20, "a single label"),
+    (list(range(20)), "20 distinct labels for 20 examples"),
+    ((list(range(11)) * 2)[:21], "11 distinct labels for 21 examples"),
+])
+def test_labels_that_cannot_train_a_classifier_are_refused(tmp_path, y, match):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        train(TrainConfig(size="tiny", attention="eager", dataset=_npz(tmp_path / "d.npz", y), epochs=1,
+                          out=str(out), quiet=True))
+    assert not out.exists()  # a rejected dataset leaves no folder behind
+
+
+@pytest.mark.parametrize("field,value,exc,match", [
+    ("seed", -1, ValueError, "seed must be >= 0, got -1"),
+    ("seed", 2**32, ValueError, "seed must be <= 4294967295"),
+    ("seed", 1.5, TypeError, "seed must be an int"),
+    ("lr", float("inf"), ValueError, "lr must be a finite number > 0, got inf"),
+    ("lr", float("nan"), ValueError, "lr must be a finite number > 0, got nan"),
+    ("lr", 0.0, ValueError, "lr must be a finite number > 0"),
+    ("weight_decay", -0.1, ValueError, "weight_decay must be a finite number >= 0"),
+    ("warmup_epochs", float("inf"), ValueError, "warmup_epochs must be a finite number"),
+    ("epochs", 0, ValueError, "epochs must be >= 1"),
+    ("epochs", 2.5, TypeError, "epochs must be an int"),
+    ("batch_size", 0, ValueError, "batch_size must be >= 1"),
+    ("shift", -1, ValueError, "shift must be >= 0"),
+    ("test_fraction", 1.0, ValueError, "test_fraction must be a finite number > 0 and < 1"),
+    ("test_fraction", 0.0, ValueError, "test_fraction must be a finite number > 0 and < 1"),
+    ("max_steps", 0, ValueError, "max_steps must be >= 1"),
+    ("limit", -5, ValueError, "limit must be >= 1"),
+    ("model", "resnet", ValueError, "model must be one of"),
+    ("attention", "flash", ValueError, "attention must be one of"),
+    ("size", "huge", ValueError, "size must be one of"),
+    ("device", "tpu", ValueError, "device 'tpu' is not a device"),
+    ("dataset", "", ValueError, "dataset must be"),
+])
+def test_every_config_field_is_range_checked_before_any_work(tmp_path, monkeypatch, field, value, exc, match):
+    from perceiver_fast import train as T
+
+    def no_work(*a, **k):
+        raise AssertionError("data was loaded before the config was checked")
+
+    monkeypatch.setattr(T, "make_dataset", no_work)
+    out = tmp_path / "run"
+    cfg = TrainConfig(size="tiny", attention="eager", epochs=1, out=str(out), quiet=True)
+    with pytest.raises(exc, match=match):
+        train(__import__("dataclasses").replace(cfg, **{field: value}))
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="out .* exists and is not a folder"):
+        train(TrainConfig(size="tiny", out=str(afile), quiet=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A loss that turns NaN in epoch 3 stops training; the folder holds epoch 2's checkpoint and strict JSON."""
+    from perceiver_fast import train as T
+
+    calls = {"n": 0}
+    real = T.F.cross_entropy
+
+    def nan_after_two_epochs(logits, y, **kw):
+        loss = real(logits, y, **kw)
+        if logits.requires_grad:
+            calls["n"] += 1
+            if calls["n"] > 2 * 4:  # 4 steps per epoch
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(T.F, "cross_entropy", nan_after_two_epochs)
+    cfg = TrainConfig(model="vit", size="tiny", attention="eager", epochs=5, limit=80, batch_size=16, shift=0,
+                      out=str(tmp_path), quiet=True)
+    with pytest.raises(T.NonFiniteLossError, match=r"loss is nan at epoch 3.*last good checkpoint \(epoch 2\)"):
+        train(cfg)
+    metrics = json.loads(open(tmp_path / "metrics.json").read(),
+                         parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert len(metrics["history"]) == 2 and all(math.isfinite(v) for v in metrics["step_losses"])
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "model.safetensors")).values())
+
+
+def test_diverging_loss_from_a_huge_lr_is_one_line_exit_2(tmp_path, capsys):
+    from perceiver_fast.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", "vit", "--size", "tiny", "--attention", "eager", "--epochs", "3", "--limit",
+                 "60", "--lr", "1e30", "--shift", "0", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("perceiver-fast: error")]
+    assert len(lines) == 1 and "training loss is" in lines[0], err

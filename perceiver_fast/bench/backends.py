@@ -142,15 +142,16 @@ def fourier_inputs(shape: FourierShape, dtype: str, device, seed: int = 0) -> Di
 
 
 def fourier_backend(name: str, shape: FourierShape) -> Callable[[Dict], torch.Tensor]:
+    kw = dict(concat_pos=shape.concat_pos, sine_only=shape.sine_only)
     nb = shape.num_bands
     if name == "eager":
-        return lambda inp: fourier_encode_reference(inp["x"], nb)
+        return lambda inp: fourier_encode_reference(inp["x"], nb, **kw)
     if name == "compile":
         torch._dynamo.reset()
         fn = torch.compile(fourier_encode_reference, dynamic=False)
-        return lambda inp: fn(inp["x"], nb)
+        return lambda inp: fn(inp["x"], nb, **kw)
     if name == "fused":
         from perceiver_fast.ops.fourier import fourier_encode
 
-        return lambda inp: fourier_encode(inp["x"], nb)
+        return lambda inp: fourier_encode(inp["x"], nb, **kw)
     raise KeyError(f"unknown fourier backend {name!r}; known: {', '.join(FOURIER_BACKENDS)}")

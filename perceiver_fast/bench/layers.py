@@ -17,7 +17,7 @@ import torch
 
 from . import shapes as S
 from .backends import torch_dtype
-from .timing import bench_ms, peak_extra_mib, release, sync
+from .schema import Job, Timed, make_row, time_rows
 
 LAYER_IMPLS = ["hf:eager", "hf-patched:fused", "ours:fused"]
 
@@ -42,15 +42,14 @@ def _ours_from_hf(hf_layer, case: S.LayerCase):
 
 
 def layer_case_rows(case: S.LayerCase, impl: str, opts) -> List[Dict]:
-    from .runner import _reason, make_row
-
     dev, dt = opts.device, opts.dtype
     tdt = torch_dtype(dt)
     directions = ["fwd", "fwd+bwd"] if opts.backward else ["fwd"]
     base = dict(section="layer", name=case.name, label=case.label(), dtype=dt, backend=impl, B=case.B, N=case.N,
                 M=case.M, Dqk=case.kv_dim, Dv=case.kv_dim, H=1)
     rows = [make_row(direction=d, **base) for d in directions]
-    try:
+
+    def build() -> Timed:
         torch.manual_seed(0)
         with torch.device(dev):
             hf = _hf_layer(case)
@@ -71,43 +70,15 @@ def layer_case_rows(case: S.LayerCase, impl: str, opts) -> List[Dict]:
             fwd = lambda: layer(hidden, inputs=inputs)[0]  # noqa: E731
         else:
             fwd = lambda: layer(latents, inputs)  # noqa: E731
-    except Exception as e:
-        for r in rows:
-            r.update(status="FAIL", reason=_reason(e))
-        return rows
-    for r in rows:
-        try:
-            if r["direction"] == "fwd":
-                layer.eval()
-                with torch.no_grad():
-                    fwd()
-                    sync(dev)
-                    ms = bench_ms(fwd, dev, opts.quick)
-                    mib = peak_extra_mib(fwd, dev)
-            else:
-                layer.train()
-                params = [p for p in layer.parameters() if p.requires_grad]
-                grad_out = torch.randn(case.B, case.N, case.q_dim, device=dev, dtype=tdt)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        grad_out = torch.randn(case.B, case.N, case.q_dim, device=dev, dtype=tdt)
+        return Timed(forward=fwd, forward_backward=lambda: torch.autograd.grad(fwd(), params, grad_out),
+                     prepare=lambda d: layer.train(d != "fwd"))
 
-                def fb():
-                    return torch.autograd.grad(fwd(), params, grad_out)
-
-                fb()
-                sync(dev)
-                ms = bench_ms(fb, dev, opts.quick, backward=True)
-                mib = peak_extra_mib(fb, dev)
-            r.update(status="ok", ms=ms, peak_mib=mib)
-        except Exception as e:
-            r.update(status="FAIL", reason=_reason(e))
-        release(dev)
-    del layer
-    release(dev)
-    return rows
+    return time_rows(rows, build, dev, opts.quick)
 
 
 def layer_jobs(opts) -> List:
-    from .runner import Job
-
     cases = S.LAYER_CASES
     if opts.quick:
         cases = [c for c in cases if c.name in S.QUICK_LAYERS]

@@ -21,7 +21,7 @@ import torch
 
 from . import shapes as S
 from .backends import torch_dtype
-from .timing import bench_ms, peak_extra_mib, release, sync
+from .schema import Job, Timed, make_row, time_rows
 
 PIO_IMPLS = ["hf:eager", "hf-patched:fused", "ours:fused"]
 VIT_IMPLS = ["timm:eager", "timm:sdpa", "timm-patched:fused", "ours:fused"]
@@ -120,59 +120,33 @@ def impls_for(case: S.ModelCase) -> List[str]:
 
 
 def model_case_rows(case: S.ModelCase, impl: str, opts) -> List[Dict]:
-    from .runner import _reason, make_row
-
     dev, dt = opts.device, opts.dtype
     directions = ["fwd", "fwd+bwd"] if opts.backward else ["fwd"]
     base = dict(section="model", name=case.name, label=f"{case.note} B{case.batch} {case.image_size}px",
                 dtype=dt, backend=impl, B=case.batch)
     rows = [make_row(direction=d, **base) for d in directions]
-    model = None
-    try:
+
+    def build() -> Timed:
         with torch.device(dev):
             model, fwd = builder(case, impl)()
         model = model.to(device=dev, dtype=torch_dtype(dt))
         x = torch.randn(case.batch, case.channels, case.image_size, case.image_size, device=dev,
                         dtype=torch_dtype(dt))
-    except Exception as e:
+        nparam = sum(p.numel() for p in model.parameters())
         for r in rows:
-            r.update(status="FAIL", reason=_reason(e))
-        return rows
-    nparam = sum(p.numel() for p in model.parameters())
-    for r in rows:
-        r["label"] += f" ({nparam / 1e6:.1f}M params)"
-        try:
-            if r["direction"] == "fwd":
-                model.eval()
-                with torch.no_grad():
-                    fwd(model, x)
-                    sync(dev)
-                    ms = bench_ms(lambda: fwd(model, x), dev, opts.quick)
-                    mib = peak_extra_mib(lambda: fwd(model, x), dev)
-            else:
-                model.train()
+            r["label"] += f" ({nparam / 1e6:.1f}M params)"
 
-                def fb():
-                    model.zero_grad(set_to_none=True)
-                    fwd(model, x).float().sum().backward()
+        def fb():
+            model.zero_grad(set_to_none=True)
+            fwd(model, x).float().sum().backward()
 
-                fb()
-                sync(dev)
-                ms = bench_ms(fb, dev, opts.quick, backward=True)
-                mib = peak_extra_mib(fb, dev)
-                model.zero_grad(set_to_none=True)
-            r.update(status="ok", ms=ms, peak_mib=mib, images_per_s=case.batch / ms * 1e3)
-        except Exception as e:
-            r.update(status="FAIL", reason=_reason(e))
-        release(dev)
-    del model, x
-    release(dev)
-    return rows
+        return Timed(forward=lambda: fwd(model, x), forward_backward=fb, prepare=lambda d: model.train(d != "fwd"),
+                     images=case.batch, cleanup=[lambda: model.zero_grad(set_to_none=True)])
+
+    return time_rows(rows, build, dev, opts.quick)
 
 
 def model_jobs(opts) -> List:
-    from .runner import Job
-
     cases = [c for c in S.MODEL_CASES if opts.models is None or c.name in opts.models]
     if opts.quick and opts.models is None:
         cases = [c for c in cases if c.name in S.QUICK_MODELS]

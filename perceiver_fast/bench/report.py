@@ -6,9 +6,9 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List
+from typing import Dict
 
-from .runner import ROW_FIELDS
+from .schema import ROW_FIELDS
 from .targets import evaluate
 
 
@@ -24,9 +24,9 @@ def format_table(result: Dict) -> str:
     env = result["env"]
     lines.append(f"# perceiver-fast bench  {env['date']}  {env['device']}  torch {env['torch']}  "
                  f"triton {env['triton']}  commit {env['git_commit']}  fused path: {env['fused_path']}")
-    hdr = f"{'case':<46} {'dir':<7} {'backend':<19} {'ms':>9} {'x eager':>7} {'x sdpa':>7} " \
+    hdr = f"{'case':<46} {'dir':<7} {'backend':<19} {'ms':>9} {'p20-p80 ms':>17} {'x eager':>7} {'x sdpa':>7} " \
           f"{'TFLOP/s':>7} {'GB/s':>6} {'img/s':>7} {'peakMiB':>8}  note"
-    for section in ("ceiling", "op", "sweep", "layer", "model"):
+    for section in ("ceiling", "op", "sweep", "headdim", "fit", "layer", "model"):
         srows = [r for r in rows if r["section"] == section]
         if not srows:
             continue
@@ -35,14 +35,17 @@ def format_table(result: Dict) -> str:
         lines.append(hdr)
         for r in srows:
             case = r["label"] if section in ("op", "layer") and r.get("label") else r["name"]
-            if section == "sweep" and r.get("M") is not None:
+            if section in ("sweep", "fit") and r.get("M") is not None:
                 case = f"M={r['M']} (B{r['B']} N{r['N']} H{r['H']} D{r['Dqk']})"
+            if section == "headdim":
+                case = f"D={r['Dqk']} (B{r['B']} N{r['N']} M{r['M']} H{r['H']})"
+            spread = f"{_f(r['ms_p20'])}-{_f(r['ms_p80'])}" if r.get("ms_p20") is not None else ""
             note = r["reason"] or ""
             if r["status"] not in ("ok",):
                 note = f"{r['status']} {note}".strip()
             lines.append(
                 f"{str(case)[:46]:<46} {str(r['direction'] or ''):<7} {str(r['backend'] or ''):<19} "
-                f"{_f(r['ms']):>9} {_f(r['speedup_vs_eager'], '{:.2f}'):>7} "
+                f"{_f(r['ms']):>9} {spread:>17} {_f(r['speedup_vs_eager'], '{:.2f}'):>7} "
                 f"{_f(r['speedup_vs_best_sdpa'], '{:.2f}'):>7} {_f(r['tflops'], '{:.1f}'):>7} "
                 f"{_f(r['gbs'], '{:.0f}'):>6} {_f(r['images_per_s'], '{:.0f}'):>7} "
                 f"{_f(r['peak_mib'], '{:.0f}'):>8}  {note[:70]}")

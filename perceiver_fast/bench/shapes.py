@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from perceiver_fast.ops.fourier import fourier_channels
+
 # Measured on the project's H200, 2026-11-20 (shared/baselines/h200-2026-11-20.md):
 # 1 GiB device-to-device copy (read + written bytes) and an 8192^3 matmul.
 H200_CEILINGS = {
@@ -114,8 +116,9 @@ class AttnShape:
 class FourierShape:
     """Fourier-feature position encoding of channels-last inputs (B, *index_dims, Cin).
 
-    Output: (B, prod(index_dims), Cin + D + 2 * D * num_bands) in float32
-    (positions concatenated, sine and cosine), as HF builds it.
+    Output: (B, prod(index_dims), Cin + C) in float32, C from
+    :func:`perceiver_fast.ops.fourier.fourier_channels` (HF's default: positions
+    concatenated, sine and cosine: D + 2 * D * num_bands).
     """
 
     name: str
@@ -124,6 +127,8 @@ class FourierShape:
     num_bands: int
     cin: int = 3
     note: str = ""
+    concat_pos: bool = True
+    sine_only: bool = False
 
     @property
     def points(self) -> int:
@@ -131,8 +136,7 @@ class FourierShape:
 
     @property
     def out_channels(self) -> int:
-        d = len(self.index_dims)
-        return self.cin + d + 2 * d * self.num_bands
+        return self.cin + fourier_channels(len(self.index_dims), self.num_bands, self.concat_pos, self.sine_only)
 
     def flops(self, backward: bool = False) -> int:
         return 0  # memory bound; sin/cos are not counted as FLOPs
@@ -241,6 +245,16 @@ SWEEP_M_CPU = [256, 512, 1024, 2048, 4096]
 
 def sweep_shapes(ms: List[int], base: AttnShape = SWEEP_BASE) -> List[AttnShape]:
     return [base.replace(name=f"sweep-M{m}", M=m) for m in ms]
+
+
+# Cross-attention against head dim D (8 heads, M 16384; the kernels' head-dim buckets up to 512).
+HEADDIM_BASE = AttnShape("headdim", "cross", 8, 8, 512, 16384, 64, 64, note="8-head cross-attention, M 16384")
+HEADDIM_D = [32, 64, 128, 256, 261, 512]
+HEADDIM_D_QUICK = [64, 128, 256]
+
+
+def headdim_shapes(ds: List[int], base: AttnShape = HEADDIM_BASE) -> List[AttnShape]:
+    return [base.replace(name=f"headdim-D{d}", Dqk=d, Dv=d) for d in ds]
 
 
 # Layer targets of issue 6: HF PerceiverLayer vs ours, same weights, B8.

@@ -1,15 +1,23 @@
 """Timing and memory measurement, following the methodology of the H200 anchors
-(shared/tools/anchors.py): median of ``triton.testing.do_bench`` on a GPU, peak
-extra memory as the rise of ``torch.cuda.max_memory_allocated`` over what was
-allocated before the call. On a CPU: median of ``time.perf_counter`` repeats;
-no memory figure."""
+(shared/tools/anchors.py): ``triton.testing.do_bench`` quantiles 20/50/80 on a
+GPU, peak extra memory as the rise of ``torch.cuda.max_memory_allocated`` over
+what was allocated before the call. On a CPU: ``torch.utils.benchmark.Timer``
+(blocked_autorange), whose per-block times give the same quantiles; no memory figure."""
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds: the median and the 20th/80th percentiles (the spread)."""
+
+    ms: float
+    p20: float
+    p80: float
 
 
 def is_cuda(device) -> bool:
@@ -21,25 +29,30 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_ms(fn: Callable[[], object], device, quick: bool = False, backward: bool = False) -> float:
-    """Median milliseconds of ``fn()``."""
+def quantile(sorted_values: List[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values (numpy's default method)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def bench_ms(fn: Callable[[], object], device, quick: bool = False, backward: bool = False) -> Timing:
+    """Median and 20/80 percentiles of ``fn()`` in milliseconds."""
     if is_cuda(device):
         from triton.testing import do_bench
 
         warmup, rep = (10, 40) if quick else (25, 100)
         if backward:
             warmup, rep = warmup // 2 or 1, rep // 2 or 1
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    # CPU: one warm-up call, then repeat until ~budget seconds or max_n calls.
-    budget = 0.05 if quick else 0.25
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        p20, p50, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8])
+        return Timing(float(p50), float(p20), float(p80))
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (first-call allocations, lazy imports)
+    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.05 if quick else 0.25)
+    times = sorted(1e3 * t for t in m.times)
+    return Timing(quantile(times, 0.5), quantile(times, 0.2), quantile(times, 0.8))
 
 
 def peak_extra_mib(fn: Callable[[], object], device) -> Optional[float]:
@@ -64,3 +77,7 @@ def free_bytes(device) -> Optional[int]:
 def release(device) -> None:
     if is_cuda(device):
         torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()

@@ -37,6 +37,7 @@ import torch
 
 from perceiver_fast.layers import _dispatch
 from perceiver_fast.layers.attention import FoldMode, check_fold, choose_folding, cross_attend
+from perceiver_fast.ops import fourier
 
 _ORIG = "_perceiver_fast_original_class"
 
@@ -166,7 +167,7 @@ def _make_fourier_class(base):
         def forward(self, index_dims, batch_size, device, dtype, pos=None):
             if pos is not None:
                 return super().forward(index_dims, batch_size, device, dtype, pos)
-            feats = _dispatch.fourier_features(tuple(int(d) for d in index_dims), self.num_bands,
+            feats = fourier.fourier_features(tuple(int(d) for d in index_dims), self.num_bands,
                                                max_resolution=self.max_resolution, concat_pos=self.concat_pos,
                                                sine_only=self.sine_only, dtype=dtype, device=device)
             return feats.expand(batch_size, -1, -1)
@@ -186,7 +187,7 @@ def _make_image_prep_class(base):
                 return super()._build_network_inputs(inputs, network_input_is_1d, interpolate_pos_encoding)
             if tuple(inputs.shape[1:-1]) and len(enc.max_resolution) != inputs.dim() - 2:
                 return super()._build_network_inputs(inputs, network_input_is_1d, interpolate_pos_encoding)
-            out = _dispatch.fourier_encode(inputs, enc.num_bands, max_resolution=enc.max_resolution,
+            out = fourier.fourier_encode(inputs, enc.num_bands, max_resolution=enc.max_resolution,
                                            concat_pos=enc.concat_pos, sine_only=enc.sine_only)
             return out, inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from perceiver_fast.ops.attention import SUPPORTED_DTYPES
-from perceiver_fast.ops.reference import attention_reference, fourier_encode_reference, fourier_features_reference
+from perceiver_fast.ops.reference import attention_reference
 
 ATTENTION_MODES = ("fused", "eager")
 
@@ -99,43 +99,3 @@ def self_attention(
             return ops.cross_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
         return ops.self_attention(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale)
     return attention_reference(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True)
-
-
-try:  # the fused Fourier encoder (C++/CUDA extension); the eager formula when it is not built
-    from perceiver_fast.ops import fourier as _fourier_module
-except ImportError:  # pragma: no cover - depends on the tree's state
-    _fourier_module = None
-
-
-def fused_fourier_available() -> bool:
-    return _fourier_module is not None and getattr(_fourier_module, "_LOAD_ERROR", None) is None
-
-
-def fourier_features(index_dims, num_bands, *, max_resolution=None, concat_pos=True, sine_only=False,
-                     dtype=torch.float32, device=None) -> torch.Tensor:
-    """(prod(index_dims), C) Fourier features built directly on ``device``.
-
-    Uses the fused encoder when its extension is built, else the eager formula
-    (still on ``device``, never via the CPU).
-    """
-    if fused_fourier_available():
-        return _fourier_module.fourier_features(index_dims, num_bands, max_resolution=max_resolution,
-                                                concat_pos=concat_pos, sine_only=sine_only, dtype=dtype,
-                                                device=device)
-    return fourier_features_reference(index_dims, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
-                                      sine_only=sine_only, dtype=torch.float32, device=device).to(dtype)
-
-
-def fourier_encode(inputs: torch.Tensor, num_bands: int, *, max_resolution=None, concat_pos=True,
-                   sine_only=False) -> torch.Tensor:
-    """[flattened channels-last inputs | Fourier features] -> (B, P, Cin + C), one fused write when available."""
-    if fused_fourier_available():
-        return _fourier_module.fourier_encode(inputs, num_bands, max_resolution=max_resolution,
-                                              concat_pos=concat_pos, sine_only=sine_only)
-    return fourier_encode_reference(inputs, num_bands, max_resolution=max_resolution, concat_pos=concat_pos,
-                                    sine_only=sine_only)
-
-
-def fourier_channels(num_dims: int, num_bands: int, *, concat_pos: bool = True, sine_only: bool = False) -> int:
-    """Number of Fourier feature channels (HF's ``output_size``)."""
-    return num_dims * num_bands * (1 if sine_only else 2) + (num_dims if concat_pos else 0)

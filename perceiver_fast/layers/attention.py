@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers.checks import check_float, check_int
 
 FoldMode = Union[str, bool]
 
@@ -148,6 +149,14 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     return out
 
 
+def mlp_width(name: str, ratio: float, dim: int) -> int:
+    """int(ratio * dim), the MLP's hidden width; ValueError naming ``name`` unless it is >= 1."""
+    width = int(check_float(name, ratio, 0.0) * dim)
+    if width < 1:
+        raise ValueError(f"{name} {ratio} gives an MLP of width int({ratio} * {dim}) = {width}; it must be >= 1")
+    return width
+
+
 class MLP(nn.Module):
     """Linear(dim, hidden) -> exact GELU -> dropout -> Linear(hidden, out_dim) -> dropout."""
 
@@ -191,11 +200,13 @@ class CrossAttention(nn.Module):
                  dropout: float = 0.0, layer_norm_eps: float = 1e-5, attention: str = "fused",
                  fold: FoldMode = "auto"):
         super().__init__()
-        qk_channels = kv_dim if qk_channels is None else int(qk_channels)
-        v_channels = qk_channels if v_channels is None else int(v_channels)
-        out_dim = q_dim if out_dim is None else int(out_dim)
-        if heads < 1:
-            raise ValueError(f"heads must be >= 1, got {heads}")
+        check_int("q_dim", q_dim)
+        check_int("kv_dim", kv_dim)
+        heads = check_int("heads", heads)
+        qk_channels = kv_dim if qk_channels is None else check_int("qk_channels", qk_channels)
+        v_channels = qk_channels if v_channels is None else check_int("v_channels", v_channels)
+        out_dim = q_dim if out_dim is None else check_int("out_dim", out_dim)
+        check_float("dropout", dropout, 0.0, 1.0, include_maximum=False)
         if qk_channels % heads != 0:
             raise ValueError(f"qk_channels ({qk_channels}) must be divisible by heads ({heads})")
         if v_channels % heads != 0:
@@ -261,7 +272,7 @@ class CrossAttentionLayer(nn.Module):
                                    use_query_residual=use_query_residual, dropout=dropout,
                                    layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
         self.norm_mlp = nn.LayerNorm(q_dim, eps=layer_norm_eps)
-        self.mlp = MLP(q_dim, int(widening_factor * q_dim), dropout=mlp_dropout)
+        self.mlp = MLP(q_dim, mlp_width("widening_factor", widening_factor, q_dim), dropout=mlp_dropout)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
         x = self.attn(q, kv, key_padding_mask)
@@ -289,8 +300,12 @@ class SelfAttentionBlock(nn.Module):
                  qkv_bias: bool = True, dropout: float = 0.0, mlp_dropout: float = 0.0,
                  layer_norm_eps: float = 1e-5, attention: str = "fused"):
         super().__init__()
-        if heads < 1:
-            raise ValueError(f"heads must be >= 1, got {heads}")
+        check_int("dim", dim)
+        heads = check_int("heads", heads)
+        if dim_head is not None:
+            check_int("dim_head", dim_head)
+        check_float("dropout", dropout, 0.0, 1.0, include_maximum=False)
+        check_float("mlp_dropout", mlp_dropout, 0.0, 1.0, include_maximum=False)
         if dim_head is None:
             if dim % heads != 0:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or pass dim_head")
@@ -304,7 +319,7 @@ class SelfAttentionBlock(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(mlp_dropout) if mlp_dropout > 0 else nn.Identity()
         self.norm_mlp = nn.LayerNorm(dim, eps=layer_norm_eps)
-        self.mlp = MLP(dim, int(mlp_ratio * dim), dropout=mlp_dropout)
+        self.mlp = MLP(dim, mlp_width("mlp_ratio", mlp_ratio, dim), dropout=mlp_dropout)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, attention={self.attention!r}"

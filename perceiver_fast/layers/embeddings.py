@@ -7,13 +7,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-
-def _as_pair(x) -> tuple:
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"expected an int or a pair, got {x!r}")
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
+from perceiver_fast.layers.checks import check_int, check_size_pair
 
 
 class TrainablePositionEncoding(nn.Module):
@@ -48,10 +42,12 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, image_size=224, patch_size=16, in_channels: int = 3, dim: int = 768, *, bias: bool = True):
         super().__init__()
-        self.image_size = _as_pair(image_size)
-        self.patch_size = _as_pair(patch_size)
+        self.image_size = check_size_pair("image_size", image_size)
+        self.patch_size = check_size_pair("patch_size", patch_size)
+        check_int("in_channels", in_channels)
+        check_int("dim", dim)
         for s, p in zip(self.image_size, self.patch_size):
-            if p <= 0 or s <= 0 or s % p != 0:
+            if s % p != 0:
                 raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
         self.grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         self.num_patches = self.grid[0] * self.grid[1]

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from perceiver_fast.ops.fourier import (
-    _check_tensor,
     check_fourier_args,
+    check_fourier_input,
     encode_flat,
     fourier_channels,
     fourier_features,
@@ -83,7 +83,7 @@ class FourierPositionEncoding(nn.Module):
         return feats.unsqueeze(0).expand(batch_size, -1, -1)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        _check_tensor(inputs)
+        check_fourier_input(inputs)
         grid = tuple(inputs.shape[1:-1])
         if grid == self.index_dims:
             flat = inputs.reshape(inputs.shape[0], self.num_positions, inputs.shape[-1])

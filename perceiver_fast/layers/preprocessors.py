@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from perceiver_fast.layers import _dispatch
-from perceiver_fast.layers.embeddings import TrainablePositionEncoding, _as_pair, check_image
+from perceiver_fast.layers.checks import check_int, check_size_pair
+from perceiver_fast.layers.embeddings import TrainablePositionEncoding, check_image
+from perceiver_fast.ops.fourier import fourier_channels, fourier_encode
 
 PREPROCESSING = ("learned", "fourier", "conv")
 
@@ -74,9 +75,12 @@ class ImagePreprocessor(nn.Module):
         if kind not in PREPROCESSING:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {kind!r}")
         self.kind = kind
-        self.image_size = _as_pair(image_size)
-        self.in_channels = int(in_channels)
-        self.num_bands = int(num_bands)
+        self.image_size = check_size_pair("image_size", image_size)
+        self.in_channels = check_int("in_channels", in_channels)
+        self.num_bands = check_int("num_bands", num_bands)
+        check_int("pos_channels", pos_channels)
+        if out_channels is not None:
+            check_int("out_channels", out_channels)
         if kind == "learned":
             out_channels = 256 if out_channels is None else int(out_channels)
             self.grid = self.image_size
@@ -98,7 +102,7 @@ class ImagePreprocessor(nn.Module):
             self.max_resolution = tuple(self.grid if max_resolution is None else max_resolution)
             if len(self.max_resolution) != 2:
                 raise ValueError(f"max_resolution must have 2 entries for images, got {self.max_resolution}")
-            self.num_channels = cin + _dispatch.fourier_channels(2, self.num_bands)
+            self.num_channels = cin + fourier_channels(2, self.num_bands)
         self.out_channels = out_channels
         self.num_inputs = self.grid[0] * self.grid[1]
 
@@ -110,4 +114,4 @@ class ImagePreprocessor(nn.Module):
             return torch.cat([feats, pos.expand(x.shape[0], -1, -1)], dim=-1)
         if self.kind == "conv":
             x = self.convnet(x)
-        return _dispatch.fourier_encode(x.permute(0, 2, 3, 1), self.num_bands, max_resolution=self.max_resolution)
+        return fourier_encode(x.permute(0, 2, 3, 1), self.num_bands, max_resolution=self.max_resolution)

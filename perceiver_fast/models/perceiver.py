@@ -42,11 +42,13 @@ import torch
 from torch import nn
 
 from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers.checks import check_int
 from perceiver_fast.layers.attention import CrossAttentionLayer, FoldMode, SelfAttentionBlock
 from perceiver_fast.layers.embeddings import PatchEmbedding, TrainablePositionEncoding
+from perceiver_fast.models.hub import HUB_TAGS, HubMixin
 
 
-class Perceiver(nn.Module):
+class Perceiver(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_TAGS):
     def __init__(self, *, image_size=64, patch_size=2, in_channels: int = 3, num_classes: int = 100,
                  num_latents: int = 256, latent_dim: int = 256, cross_heads: int = 1, self_heads: int = 8,
                  dim_head: Optional[int] = None, depth: int = 4, num_iterations: int = 2, mlp_ratio: int = 1,
@@ -54,11 +56,11 @@ class Perceiver(nn.Module):
                  attention: str = "fused", fold: FoldMode = "auto"):
         super().__init__()
         _dispatch.check_attention(attention)
-        if num_iterations < 1 or depth < 0 or num_latents < 1:
-            raise ValueError("num_iterations and num_latents must be >= 1 and depth >= 0")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_iterations = int(num_iterations)
+        self.num_iterations = check_int("num_iterations", num_iterations)
+        check_int("depth", depth, minimum=0)
+        check_int("num_latents", num_latents)
+        check_int("latent_dim", latent_dim)
+        check_int("num_classes", num_classes)
         self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, latent_dim)
         self.pos_embed = TrainablePositionEncoding(self.patch_embed.num_patches, latent_dim)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)

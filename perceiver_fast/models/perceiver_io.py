@@ -48,8 +48,10 @@ from torch import nn
 
 from perceiver_fast.layers import _dispatch
 from perceiver_fast.layers.attention import CrossAttentionLayer, FoldMode, SelfAttentionBlock
+from perceiver_fast.layers.checks import check_float, check_int
 from perceiver_fast.layers.decoders import ClassificationDecoder
 from perceiver_fast.layers.preprocessors import ImagePreprocessor
+from perceiver_fast.models.hub import HUB_TAGS, HubMixin
 
 PRESETS = {
     "learned": dict(preprocessing="learned"),
@@ -58,7 +60,7 @@ PRESETS = {
 }
 
 
-class PerceiverIO(nn.Module):
+class PerceiverIO(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_TAGS):
     def __init__(self, *, image_size=224, in_channels: int = 3, num_classes: int = 1000,
                  preprocessing: str = "learned", num_latents: int = 512, latent_dim: int = 1024,
                  num_blocks: int = 8, num_self_attends_per_block: int = 6, self_heads: int = 8,
@@ -69,8 +71,12 @@ class PerceiverIO(nn.Module):
                  attention: str = "fused", fold: FoldMode = "auto"):
         super().__init__()
         _dispatch.check_attention(attention)
-        if num_latents < 1 or latent_dim < 1 or num_blocks < 1 or num_self_attends_per_block < 1:
-            raise ValueError("num_latents, latent_dim, num_blocks and num_self_attends_per_block must be >= 1")
+        for name, value in (("num_latents", num_latents), ("latent_dim", latent_dim), ("num_blocks", num_blocks),
+                            ("num_self_attends_per_block", num_self_attends_per_block), ("self_heads", self_heads),
+                            ("cross_heads", cross_heads), ("decoder_heads", decoder_heads),
+                            ("num_classes", num_classes)):
+            check_int(name, value)
+        check_float("dropout", dropout, 0.0, 1.0, include_maximum=False)
         if latent_dim % self_heads != 0:
             raise ValueError(f"latent_dim ({latent_dim}) must be divisible by self_heads ({self_heads})")
         if latent_dim % cross_heads != 0:

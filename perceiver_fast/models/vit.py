@@ -36,10 +36,12 @@ from torch import nn
 
 from perceiver_fast.layers import _dispatch
 from perceiver_fast.layers.attention import SelfAttentionBlock
+from perceiver_fast.layers.checks import check_float, check_int
 from perceiver_fast.layers.embeddings import PatchEmbedding
+from perceiver_fast.models.hub import HUB_TAGS, HubMixin
 
 
-class ViT(nn.Module):
+class ViT(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_TAGS):
     def __init__(self, *, image_size=224, patch_size=16, in_channels: int = 3, num_classes: int = 1000,
                  dim: int = 768, depth: int = 12, heads: int = 12, dim_head: Optional[int] = None,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, dropout: float = 0.0, attn_dropout: float = 0.0,
@@ -49,8 +51,9 @@ class ViT(nn.Module):
         _dispatch.check_attention(attention)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        check_int("num_classes", num_classes, minimum=0)
+        check_int("depth", depth, minimum=0)
+        check_float("emb_dropout", emb_dropout, 0.0, 1.0, include_maximum=False)
         self.pool = pool
         self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -11,10 +11,11 @@ All attention tensors use the (batch, seq, heads, head_dim) layout.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
+
+from perceiver_fast.ops.fourier import check_fourier_args, fourier_features_eager
 
 
 def attention_reference(
@@ -53,23 +54,6 @@ def attention_reference(
     return out.transpose(1, 2)
 
 
-def _check_fourier_args(index_dims: Sequence[int], num_bands: int, max_resolution) -> tuple:
-    index_dims = tuple(int(n) for n in index_dims)
-    if len(index_dims) == 0 or any(n <= 0 for n in index_dims):
-        raise ValueError(f"index_dims must be a non-empty sequence of positive sizes, got {index_dims}")
-    if int(num_bands) < 1:
-        raise ValueError(f"num_bands must be >= 1, got {num_bands}")
-    if max_resolution is None:
-        max_resolution = index_dims
-    max_resolution = tuple(float(r) for r in max_resolution)
-    if len(max_resolution) != len(index_dims):
-        raise ValueError(
-            f"max_resolution has {len(max_resolution)} entries but index_dims {index_dims} has "
-            f"{len(index_dims)}; give one resolution per index dimension"
-        )
-    return index_dims, max_resolution
-
-
 def fourier_features_reference(
     index_dims: Sequence[int],
     num_bands: int,
@@ -83,22 +67,12 @@ def fourier_features_reference(
     """HF transformers' build_linear_positions + generate_fourier_features.
 
     Returns (prod(index_dims), C) with channels
-    [positions (if concat_pos) | sin(pi f x) axis by axis | cos(...) same order].
-    Computed in ``dtype`` throughout, exactly as HF does in float32.
+    [positions (if concat_pos) | sin(pi f x) axis by axis | cos(...) same order],
+    computed in ``dtype`` throughout, exactly as HF does in float32. The checks
+    and the formula are the encoder module's (never its kernels).
     """
-    index_dims, max_resolution = _check_fourier_args(index_dims, num_bands, max_resolution)
-    axes = [torch.linspace(-1.0, 1.0, steps=n, dtype=dtype, device=device) for n in index_dims]
-    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(index_dims))
-    freqs = torch.stack(
-        [torch.linspace(1.0, r / 2, steps=num_bands, dtype=dtype, device=device) for r in max_resolution]
-    )  # (D, K)
-    per_pos = (pos[:, :, None] * freqs[None, :, :]).reshape(pos.shape[0], -1)  # (P, D*K)
-    feats = [torch.sin(math.pi * per_pos)]
-    if not sine_only:
-        feats.append(torch.cos(math.pi * per_pos))
-    if concat_pos:
-        feats.insert(0, pos)
-    return torch.cat(feats, dim=-1)
+    index_dims, max_resolution = check_fourier_args(index_dims, num_bands, max_resolution)
+    return fourier_features_eager(index_dims, num_bands, max_resolution, concat_pos, sine_only, dtype, device)
 
 
 def fourier_encode_reference(
