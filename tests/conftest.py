@@ -14,9 +14,6 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-# test_attention*.py still import these from here; the helpers themselves live in helpers.py.
-from helpers import DEVICES, requires_cuda  # noqa: E402,F401
-
 
 @pytest.fixture(autouse=True)
 def _seed():

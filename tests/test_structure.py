@@ -84,19 +84,6 @@ def test_a_cycle_is_found_when_there_is_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-# The attention op's wrapper <-> kernels circle is removed by the ops split (another branch of issue 12).
-OPS_SPLIT_EDGE = ("perceiver_fast.ops.attention_kernels", "perceiver_fast.ops.attention")
-
-
-def test_no_import_circle_outside_the_attention_op():
-    graph = import_graph()
-    graph[OPS_SPLIT_EDGE[0]] = graph[OPS_SPLIT_EDGE[0]] - {OPS_SPLIT_EDGE[1]}
-    cycle = find_cycle(graph)
-    assert cycle is None, " -> ".join(cycle)
-
-
-@pytest.mark.xfail(strict=True, reason="ops/attention.py <-> ops/attention_kernels.py until the ops split lands; "
-                                       "when this passes, drop the xfail and OPS_SPLIT_EDGE")
 def test_no_import_circle_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)

@@ -37,7 +37,7 @@ def no_accidental_interpreter(keep: bool) -> Optional[str]:
         return None
     if keep:
         return "TRITON_INTERPRET=1: the fused ops run the Triton interpreter (slow)."
-    if "perceiver_fast.ops.attention_kernels" in sys.modules:
+    if "perceiver_fast.ops.attention_triton" in sys.modules:
         return "TRITON_INTERPRET=1 was set before the kernels were imported: the fused ops run the interpreter."
     del os.environ["TRITON_INTERPRET"]
     return "note: ignoring TRITON_INTERPRET=1 (pass --interpret to keep it); fused ops use their CPU path."
