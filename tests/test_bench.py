@@ -137,8 +137,9 @@ def test_full_gpu_plan_without_a_gpu():
     count = {}
     for j in jobs:
         count[j.section] = count.get(j.section, 0) + 1
-    n_attn_backends = 6  # eager, 4 SDPA backends, fused
-    assert count == {"ceiling": 2, "op": len(S.ATTN_SHAPES) * n_attn_backends + 3, "layer": 3 * 3,
+    n_attn_backends = 6  # eager, 4 SDPA backends, fused (+ fused-triton for self-attention)
+    n_self = sum(s.op == "self" for s in S.ATTN_SHAPES)
+    assert count == {"ceiling": 2, "op": len(S.ATTN_SHAPES) * n_attn_backends + n_self + 3, "layer": 3 * 3,
                      "model": 3 * 3 + 4, "sweep": len(S.SWEEP_M) * n_attn_backends,
                      "headdim": len(S.HEADDIM_D) * n_attn_backends, "fit": n_attn_backends}
     order = [j.section for j in jobs]

@@ -12,7 +12,11 @@ same float64 reference.
   ``F.scaled_dot_product_attention`` pinned to one backend with
   ``torch.nn.attention.sdpa_kernel``; a backend that refuses the shape raises,
   and the runner records FAIL with the reason;
-* ``fused``: this package's ops.
+* ``fused``: this package's ops as a user calls them (``backend="auto"``: a
+  self-attention call SDPA's fused kernels take goes to them);
+* ``fused-triton``: the same ops forced onto our Triton kernels
+  (``backend="triton"``), so our self-attention kernel stays measured beside
+  the dispatch (GPU only; the op section runs it for self-attention shapes).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from perceiver_fast.ops.reference import attention_reference, fourier_encode_ref
 from .shapes import AttnShape, FourierShape
 
 SDPA_BACKENDS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
-ATTN_BACKENDS = ["eager", "compile"] + SDPA_BACKENDS + ["fused"]
+ATTN_BACKENDS = ["eager", "compile"] + SDPA_BACKENDS + ["fused", "fused-triton"]
 FOURIER_BACKENDS = ["eager", "compile", "fused"]
 
 
@@ -122,12 +126,13 @@ def attn_backend(name: str, shape: AttnShape) -> Callable[[Dict], torch.Tensor]:
             return o.transpose(1, 2)
 
         return run
-    if name == "fused":
+    if name in ("fused", "fused-triton"):
         from perceiver_fast.ops import attention as ops
 
+        backend = "triton" if name == "fused-triton" else "auto"
         if shape.op == "cross":
-            return lambda inp: ops.cross_attention(inp["q"], inp["k"], inp["v"])
-        return lambda inp: ops.self_attention(inp["q"], inp["k"], inp["v"])
+            return lambda inp: ops.cross_attention(inp["q"], inp["k"], inp["v"], backend=backend)
+        return lambda inp: ops.self_attention(inp["q"], inp["k"], inp["v"], backend=backend)
     raise KeyError(f"unknown attention backend {name!r}; known: {', '.join(ATTN_BACKENDS)}")
 
 

@@ -16,7 +16,7 @@ from .schema import TOLERANCE, Job, Timed, failure_reason, make_row, relerr, tim
 from .timing import free_bytes, is_cuda, is_oom, release, sync
 
 # backends whose gradients are taken w.r.t. the package-layout leaves (SDPA's are its own (B, H, S, D) copies)
-GRAD_CHECKED = ("eager", "compile", "fused")
+GRAD_CHECKED = ("eager", "compile", "fused", "fused-triton")
 FIT_MAX_M_GPU = 2**23
 FIT_MAX_M_CPU = 2**14
 
@@ -186,9 +186,13 @@ def largest_m_rows(backend: str, base: S.AttnShape, opts) -> List[Dict]:
     return [row]
 
 
-def attn_backends(opts, with_compile: bool) -> List[str]:
+def attn_backends(opts, with_compile: bool, op: str = "cross") -> List[str]:
+    """The backends a section runs; ``fused-triton`` only for self-attention on a GPU, the one place it
+    differs from ``fused`` (which dispatches such calls to SDPA)."""
     out = []
     for b in ATTN_BACKENDS:
+        if b == "fused-triton" and (op != "self" or not is_cuda(opts.device)):
+            continue
         if b == "compile" and not (opts.compile_attention and with_compile):
             continue
         if opts.backends is not None and b not in opts.backends:
@@ -211,7 +215,7 @@ def op_jobs(opts) -> List[Job]:
         attn = [s for s in attn if s.name in S.QUICK_ATTN]
     for shape in attn:
         sh = shape.small() if opts.small else shape
-        for b in attn_backends(opts, with_compile=True):
+        for b in attn_backends(opts, with_compile=True, op=sh.op):
             jobs.append(Job("op", f"{sh.name} {b}", (lambda sh=sh, b=b: attn_case_rows(sh, b, opts, "op", opts.backward)),
                             weight=2.0 if opts.backward else 1.0))
     if wanted("fourier", opts.ops):
