@@ -127,6 +127,8 @@ def test_cross_fp32_matches_float64(backend, case):
 LOW_PRECISION_CASES = {
     "fp16-shared_mask": (torch.float16, (1, 2, 19, 33, 2, 24, 40, True), 2e-3),
     "fp16-D261": (torch.float16, (2, 2, 5, 7, 1, 261, 261, False), 2e-3),
+    "fp16-D322-resident-tails": (torch.float16, (1, 2, 19, 21, 1, 322, 322, True), 2e-3),
+    "fp16-D512-Dv40": (torch.float16, (1, 2, 9, 37, 1, 512, 40, True), 2e-3),
     "bf16-shared_mask": (torch.bfloat16, (1, 2, 19, 33, 2, 24, 40, True), 1e-2),
 }
 
@@ -195,6 +197,17 @@ def test_cross_packed_kv_views(backend):
     ref.backward(grad.double())
     _assert_all_close([out, latents.grad, kv.grad], [ref, rl.grad, rkv.grad], atol=2e-5, rtol=1e-5,
                       names=("out", "dlatents", "dkv"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_attention_wide_head_dim(backend):
+    """The head-dim policy lives in the op: self_attention takes D > 256 (here 300) itself."""
+    KNOBS["backend"] = backend
+    q, k, v = _inputs(2, 2, 6, 6, 1, 300, 300)
+    grad = torch.randn(2, 6, 1, 300, device=q.device)
+    ours = _run(self_attn, [q, k, v], grad)
+    ref = _reference([q, k, v], grad)
+    _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5)
 
 
 def test_softmax_scale_and_self_attention_head_dim_256():
