@@ -123,7 +123,7 @@ def test_folding_is_chosen_by_flops():
 @pytest.mark.parametrize("heads", [1, 2])
 def test_folding_with_dropout_is_exact(monkeypatch, heads):
     """Same dropout mask in both paths (a deterministic stand-in for the op's RNG): folded == unfolded."""
-    from perceiver_fast.layers import _dispatch
+    from perceiver_fast.layers import dispatch
 
     b, n, m, p = 2, 3, 6, 0.4
     keep = torch.rand(b, heads, n, m, generator=torch.Generator().manual_seed(1)) >= p
@@ -142,7 +142,7 @@ def test_folding_with_dropout_is_exact(monkeypatch, heads):
         o = torch.einsum("bhnm,bmhd->bnhd", probs, v)
         return o.transpose(1, 2).reshape(b, heads * n, 1, -1) if folded_heads else o
 
-    monkeypatch.setattr(_dispatch, "cross_attention", attention_with_fixed_dropout)
+    monkeypatch.setattr(dispatch, "cross_attention", attention_with_fixed_dropout)
     outs = []
     for fold in (True, False):
         torch.manual_seed(0)
@@ -162,16 +162,16 @@ def test_folding_with_dropout_runs_the_fused_op():
 
 
 def test_folded_path_calls_attention_once_with_stacked_heads(monkeypatch):
-    from perceiver_fast.layers import _dispatch
+    from perceiver_fast.layers import dispatch
 
     calls = []
-    real = _dispatch.cross_attention
+    real = dispatch.cross_attention
 
     def spy(q, k, v, **kw):
         calls.append((tuple(q.shape), tuple(k.shape), k.data_ptr() == v.data_ptr()))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(_dispatch, "cross_attention", spy)
+    monkeypatch.setattr(dispatch, "cross_attention", spy)
     mod = CrossAttention(8, 6, heads=2, qk_channels=4, attention="eager", fold=True)
     mod(torch.randn(1, 3, 8), torch.randn(2, 5, 6))
     assert calls == [((1, 6, 1, 6), (2, 5, 1, 6), True)]  # q'' (Bq, H*N, 1, Din), keys = values = LN(x)
@@ -189,16 +189,16 @@ def test_cross_attention_layer_and_decoder_fused_equals_eager():
 
 
 def test_self_attention_block_passes_strided_views_and_matches_mha(monkeypatch):
-    from perceiver_fast.layers import _dispatch
+    from perceiver_fast.layers import dispatch
 
     seen = []
-    real = _dispatch.self_attention
+    real = dispatch.self_attention
 
     def spy(q, k, v, **kw):
         seen.append((q.is_contiguous(), q.stride(), k.data_ptr() - q.data_ptr()))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(_dispatch, "self_attention", spy)
+    monkeypatch.setattr(dispatch, "self_attention", spy)
     blk, ref = _pair(SelfAttentionBlock, 16, heads=2, mlp_ratio=2)
     x = torch.randn(2, 5, 16, requires_grad=True)
     y = blk(x)

@@ -53,16 +53,16 @@ def test_real_timm_training_with_dropout():
 
 
 def test_real_timm_passes_strided_views(monkeypatch):
-    from perceiver_fast.layers import _dispatch
+    from perceiver_fast.layers import dispatch
 
     seen = []
-    real = _dispatch.self_attention
+    real = dispatch.self_attention
 
     def spy(q, k, v, **kw):
         seen.append(q.is_contiguous())
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(_dispatch, "self_attention", spy)
+    monkeypatch.setattr(dispatch, "self_attention", spy)
     patch_timm_vit(_timm_vit(depth=1), attention="eager")(_images())
     assert seen == [False]  # a strided view of the packed qkv projection
 

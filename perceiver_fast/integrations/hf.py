@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 from perceiver_fast.layers.attention import FoldMode, check_fold, choose_folding, cross_attend
 from perceiver_fast.ops import fourier
 
@@ -123,7 +123,7 @@ def _make_attention_class(base):
             p = self.dropout.p if self.training else 0.0
             kpm = hf_key_padding_mask(mask, batch, kv_len)
             if (output_attentions or kpm is FALLBACK or (kpm is not None and not is_cross)
-                    or not _dispatch.fused_attention_takes(self._pf_attention, hidden_states.dtype)):
+                    or not dispatch.fused_attention_takes(self._pf_attention, hidden_states.dtype)):
                 return super().forward(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
             keep, dead = kpm if kpm is not None else (None, None)
             if dead is not None and p > 0 and not torch.compiler.is_compiling() and bool(dead.any()):
@@ -152,7 +152,7 @@ def _make_attention_class(base):
             q = self.query(x).view(b, n, h, dh)
             k = self.key(x).view(b, n, h, dh)
             v = self.value(x).view(b, n, h, self.v_channels_per_head)
-            out = _dispatch.self_attention(q, k, v, attention=self._pf_attention, dropout_p=p,
+            out = dispatch.self_attention(q, k, v, attention=self._pf_attention, dropout_p=p,
                                            softmax_scale=dh ** -0.5)
             return (out.reshape(b, n, self.v_channels),)
 
@@ -219,7 +219,7 @@ def _swap(module, maker):
 def patch_hf_perceiver(model, *, attention: str = "fused", fold: FoldMode = "auto", fourier: bool = True):
     """Swap the attention (and Fourier features) of a transformers Perceiver model in place; returns it."""
     mp = _hf()
-    _dispatch.check_attention(attention)
+    dispatch.check_attention(attention)
     check_fold(fold)
     n_att = 0
     for module in model.modules():
@@ -272,7 +272,7 @@ def register_hf_perceiver_patch(*, attention: str = "fused", fold: FoldMode = "a
     except ImportError as exc:  # pragma: no cover - transformers < 5.x
         raise ImportError("register_hf_perceiver_patch needs transformers' monkey_patching (transformers >= 5); "
                           "use patch_hf_perceiver on the built model instead") from exc
-    _dispatch.check_attention(attention)
+    dispatch.check_attention(attention)
     check_fold(fold)
     names = list(_PATCHED_CLASSES) if fourier else ["PerceiverSelfAttention"]
     mapping = {}

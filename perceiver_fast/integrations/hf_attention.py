@@ -21,7 +21,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 
 DEFAULT_NAME = "perceiver_fast"
 # Substrings that make transformers treat an implementation name as its own (hub kernels, sdpa, flash, flex)
@@ -71,9 +71,9 @@ def _fused_can_take(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if attention_mask is None and causal and query.shape[2] > 1:
         return False
     b, h = key.shape[0], key.shape[1]
-    ops = _dispatch.fused_ops()
+    ops = dispatch.fused_ops()
     return (query.shape[1] == h and value.shape[1] == h and query.shape[0] in (1, b)
-            and query.dtype in _dispatch.FUSED_ATTENTION_DTYPES
+            and query.dtype in dispatch.FUSED_ATTENTION_DTYPES
             and max(query.shape[-1], value.shape[-1]) <= ops.MAX_HEAD_DIM
             and query.dtype == key.dtype == value.dtype)
 
@@ -91,7 +91,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         _, _, sdpa_attention = _transformers()
         return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    out = _dispatch.cross_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    out = dispatch.cross_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                     attention="fused", key_padding_mask=attention_mask, dropout_p=float(dropout),
                                     softmax_scale=scaling)
     return out, None

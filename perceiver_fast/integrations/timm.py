@@ -23,7 +23,7 @@ import types
 import torch
 from torch import nn
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 from perceiver_fast.models.vit import ViT
 
 _ATTRS = ("qkv", "num_heads", "proj", "attn_drop", "proj_drop")
@@ -51,7 +51,7 @@ def _asks_for_plain_attention(args: tuple, kwargs: dict) -> bool:
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs):
-    if not _asks_for_plain_attention(args, kwargs) or not _dispatch.fused_attention_takes(self._pf_attention, x.dtype):
+    if not _asks_for_plain_attention(args, kwargs) or not dispatch.fused_attention_takes(self._pf_attention, x.dtype):
         return getattr(self, _ORIG)(x, *args, **kwargs)  # masks, causal attention, float64: timm's own code
     b, n, _ = x.shape
     h = self.num_heads
@@ -65,7 +65,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs):
         k = k_norm(k)
     p = self.attn_drop.p if (self.training and isinstance(self.attn_drop, nn.Dropout)) else 0.0
     scale = getattr(self, "scale", d ** -0.5)
-    o = _dispatch.self_attention(q, k, v, attention=self._pf_attention, dropout_p=p, softmax_scale=scale)
+    o = dispatch.self_attention(q, k, v, attention=self._pf_attention, dropout_p=p, softmax_scale=scale)
     o = o.reshape(b, n, h * d)
     norm = getattr(self, "norm", None)
     if norm is not None:
@@ -78,7 +78,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs):
 
 def patch_timm_vit(model: nn.Module, *, attention: str = "fused") -> nn.Module:
     """Swap the attention of a timm VisionTransformer (or any module tree with timm Attention blocks) in place."""
-    _dispatch.check_attention(attention)
+    dispatch.check_attention(attention)
     count = 0
     for module in model.modules():
         if not is_timm_attention(module):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 from perceiver_fast.layers.checks import check_float, check_int
 
 FoldMode = Union[str, bool]
@@ -113,7 +113,7 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     if not fold:
         k = to_k(x).view(b, m, h, dh)
         v = to_v(x).view(b, m, h, dv)
-        o = _dispatch.cross_attention(qh, k, v, attention=attention, key_padding_mask=key_padding_mask,
+        o = dispatch.cross_attention(qh, k, v, attention=attention, key_padding_mask=key_padding_mask,
                                       dropout_p=dropout_p, softmax_scale=scale)
         return o.reshape(b, n, h * dv)
     # q' = Q_h W_k,h : (Bq, H, N, Din); heads stacked along the query axis, one shared kv "head".
@@ -128,7 +128,7 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     else:
         xk = x  # unaligned rows (Din 261) are repacked once by the op, for k and v together
     xk = xk.unsqueeze(2)  # (B, M, 1, Din[+1]): keys = values = LN(x)
-    o = _dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
+    o = dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
                                   dropout_p=dropout_p, softmax_scale=scale)
     o = o.view(b, h, n, xk.shape[-1])
     out = torch.einsum("bhne,hve->bnhv", o[..., :din], to_v.weight.view(h, dv, din))  # (B, N, H, dv)
@@ -217,7 +217,7 @@ class CrossAttention(nn.Module):
         self.qk_channels, self.v_channels, self.out_dim = qk_channels, v_channels, out_dim
         self.use_query_residual = use_query_residual
         self.dropout = float(dropout)
-        self.attention = _dispatch.check_attention(attention)
+        self.attention = dispatch.check_attention(attention)
         self.fold = check_fold(fold)
         self.norm_q = nn.LayerNorm(q_dim, eps=layer_norm_eps)
         self.norm_kv = nn.LayerNorm(kv_dim, eps=layer_norm_eps)
@@ -312,7 +312,7 @@ class SelfAttentionBlock(nn.Module):
             dim_head = dim // heads
         self.dim, self.heads, self.dim_head = int(dim), int(heads), int(dim_head)
         self.dropout = float(dropout)
-        self.attention = _dispatch.check_attention(attention)
+        self.attention = dispatch.check_attention(attention)
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -330,7 +330,7 @@ class SelfAttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, n, 3, self.heads, self.dim_head)
         q, k, v = qkv.unbind(2)  # strided views, no copy
         p = self.dropout if self.training else 0.0
-        o = _dispatch.self_attention(q, k, v, attention=self.attention, dropout_p=p,
+        o = dispatch.self_attention(q, k, v, attention=self.attention, dropout_p=p,
                                      softmax_scale=1.0 / math.sqrt(self.dim_head))
         return self.proj_drop(self.proj(o.reshape(b, n, self.heads * self.dim_head)))
 

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 from perceiver_fast.layers.checks import check_int
 from perceiver_fast.layers.attention import CrossAttentionLayer, FoldMode, SelfAttentionBlock
 from perceiver_fast.layers.embeddings import PatchEmbedding, TrainablePositionEncoding
@@ -55,7 +55,7 @@ class Perceiver(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_TAG
                  dropout: float = 0.0, mlp_dropout: float = 0.0, layer_norm_eps: float = 1e-6,
                  attention: str = "fused", fold: FoldMode = "auto"):
         super().__init__()
-        _dispatch.check_attention(attention)
+        dispatch.check_attention(attention)
         self.num_iterations = check_int("num_iterations", num_iterations)
         check_int("depth", depth, minimum=0)
         check_int("num_latents", num_latents)

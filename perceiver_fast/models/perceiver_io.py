@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 from perceiver_fast.layers.attention import CrossAttentionLayer, FoldMode, SelfAttentionBlock
 from perceiver_fast.layers.checks import check_float, check_int
 from perceiver_fast.layers.decoders import ClassificationDecoder
@@ -70,7 +70,7 @@ class PerceiverIO(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_T
                  num_bands: int = 64, max_resolution=None, dropout: float = 0.0, layer_norm_eps: float = 1e-5,
                  attention: str = "fused", fold: FoldMode = "auto"):
         super().__init__()
-        _dispatch.check_attention(attention)
+        dispatch.check_attention(attention)
         for name, value in (("num_latents", num_latents), ("latent_dim", latent_dim), ("num_blocks", num_blocks),
                             ("num_self_attends_per_block", num_self_attends_per_block), ("self_heads", self_heads),
                             ("cross_heads", cross_heads), ("decoder_heads", decoder_heads),

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from perceiver_fast.layers import _dispatch
+from perceiver_fast.layers import dispatch
 from perceiver_fast.layers.attention import SelfAttentionBlock
 from perceiver_fast.layers.checks import check_float, check_int
 from perceiver_fast.layers.embeddings import PatchEmbedding
@@ -48,7 +48,7 @@ class ViT(nn.Module, HubMixin, library_name="perceiver_fast", tags=HUB_TAGS):
                  emb_dropout: float = 0.0, pool: str = "cls", layer_norm_eps: float = 1e-6,
                  attention: str = "fused"):
         super().__init__()
-        _dispatch.check_attention(attention)
+        dispatch.check_attention(attention)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         check_int("num_classes", num_classes, minimum=0)
