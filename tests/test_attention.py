@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers import HAS_CUDA, requires_cuda
+from helpers import HAS_CUDA, count_fused_calls, requires_cuda
 from perceiver_fast.ops import attention as A
 from perceiver_fast.ops import attention_cpu as AC
 from perceiver_fast.ops import attention_triton as AT
@@ -99,6 +99,7 @@ CROSS_CASES = [
     (2, 2, 1, 1, 1, 1, 1, False),
     (2, 2, 17, 23, 1, 3, 3, False),
     (1, 3, 20, 37, 2, 16, 5, True),
+    (1, 3, 20, 37, 2, 16, 16, True),
     (2, 2, 33, 9, 8, 64, 64, False),
     (2, 2, 9, 18, 2, 40, 130, True),
     (1, 2, 5, 7, 1, 261, 261, False),
@@ -128,6 +129,10 @@ LOW_PRECISION_CASES = {
     "fp16-shared_mask": (torch.float16, (1, 2, 19, 33, 2, 24, 40, True), 2e-3),
     "fp16-D261": (torch.float16, (2, 2, 5, 7, 1, 261, 261, False), 2e-3),
     "bf16-shared_mask": (torch.bfloat16, (1, 2, 19, 33, 2, 24, 40, True), 1e-2),
+    # Dqk == Dv: the "torch" backend runs these through the fused CPU kernel.
+    "fp16-shared_mask-same_dims": (torch.float16, (1, 2, 19, 33, 2, 24, 24, True), 2e-3),
+    "bf16-shared_mask-same_dims": (torch.bfloat16, (1, 2, 19, 33, 2, 24, 24, True), 1e-2),
+    "bf16-D261": (torch.bfloat16, (2, 2, 5, 7, 1, 261, 261, False), 1e-2),
 }
 
 
@@ -158,8 +163,8 @@ def test_self_attention_packed_qkv_views(backend, dtype, D, monkeypatch):
     B, N, H = 2, 21, 2
     qkv = torch.randn(B, N, 3, H, D, device=_dev(), dtype=dtype, requires_grad=True)
     seen = []
-    real_fwd = A.attention_fwd_chunked
-    monkeypatch.setattr(A, "attention_fwd_chunked", lambda q, *a, **kw: seen.append(q) or real_fwd(q, *a, **kw))
+    real_fwd = A.attention_fwd_cpu
+    monkeypatch.setattr(A, "attention_fwd_cpu", lambda q, *a, **kw: seen.append(q) or real_fwd(q, *a, **kw))
     if backend == "triton":
         real_tri = AT.attention_fwd_triton
         monkeypatch.setattr(AT, "attention_fwd_triton", lambda q, *a, **kw: seen.append(q) or real_tri(q, *a, **kw))
@@ -407,6 +412,40 @@ def test_empty_sequences(backend):
     assert out.shape == (2, 3, 1, 6) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+SDPA_CPU_FWD = "aten::_scaled_dot_product_flash_attention_for_cpu"
+SDPA_CPU_BWD = SDPA_CPU_FWD + "_backward"
+
+
+# (Bq, B, N, M, H, Dqk, Dv, dropout_p), whether the "torch" backend runs it on the fused CPU kernel
+CPU_ROUTES = {
+    "shared_q-mask": ((1, 3, 6, 11, 2, 8, 8, 0.0), True),
+    "D261": ((2, 2, 5, 7, 1, 261, 261, 0.0), True),
+    "dropout": ((1, 3, 6, 11, 2, 8, 8, 0.2), False),
+    "Dqk!=Dv": ((1, 3, 6, 11, 2, 8, 5, 0.0), False),
+    "empty_M": ((1, 3, 6, 0, 2, 8, 8, 0.0), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CPU_ROUTES))
+def test_torch_backend_routes_to_fused_cpu_kernel(name, monkeypatch):
+    """The "torch" backend runs SDPA's CPU flash kernel where it has our semantics, else the chunked loop."""
+    (Bq, B, N, M, H, Dqk, Dv, p), routed = CPU_ROUTES[name]
+    KNOBS["backend"] = "torch"
+    chunked = []
+    for fn in ("attention_fwd_chunked", "attention_bwd_chunked"):
+        real = getattr(AC, fn)
+        monkeypatch.setattr(AC, fn, lambda *a, _real=real, _fn=fn, **kw: chunked.append(_fn) or _real(*a, **kw))
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, device="cpu")
+    mask = _mask(B, M, device="cpu") if M else None
+    grad = torch.randn(B, N, H, Dv)
+    with count_fused_calls(prefixes=(SDPA_CPU_FWD,)) as calls:
+        ours = _run(cross, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    assert (calls.count(SDPA_CPU_FWD), calls.count(SDPA_CPU_BWD)) == ((1, 1) if routed else (0, 0))
+    assert chunked == ([] if routed else ["attention_fwd_chunked", "attention_bwd_chunked"])
+    if p == 0.0:
+        _assert_all_close(ours, _reference([q, k, v], grad, key_padding_mask=mask), atol=2e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------
