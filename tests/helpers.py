@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Tuple
+from typing import Iterator, List
 
 import torch
 
@@ -31,15 +31,13 @@ class FusedCalls:
 
 
 @contextlib.contextmanager
-def count_fused_calls(prefixes: Tuple[str, ...] = ("perceiver_fast::",)) -> Iterator[FusedCalls]:
-    """Record which ops whose names start with one of ``prefixes`` ran, from the torch profiler's op events.
+def count_fused_calls() -> Iterator[FusedCalls]:
+    """Record which ``perceiver_fast::*`` custom ops ran, from the torch profiler's op events.
 
     Integration tests use it to prove that the fused path ran, not only that outputs match:
     ``with count_fused_calls() as calls: model(x)`` then ``assert calls.attention_fwd == n``.
-    By default it records our ``perceiver_fast::*`` custom ops; other prefixes
-    (e.g. ``"aten::_scaled_dot_product"``) record the aten kernels they call.
     """
     calls = FusedCalls()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         yield calls
-    calls.events.extend(e.name for e in prof.events() if e.name.startswith(prefixes))
+    calls.events.extend(e.name for e in prof.events() if e.name.startswith("perceiver_fast::"))

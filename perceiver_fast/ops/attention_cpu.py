@@ -26,6 +26,11 @@ from torch import Tensor
 
 from perceiver_fast.ops.backend import empty
 
+# PyTorch's fused CPU flash attention and its backward; the forward returns the
+# logsumexp our backward contract needs (F.scaled_dot_product_attention does not).
+FLASH_CPU_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
 # Keys per chunk: large enough for matmul efficiency, small enough that the
 # (B, H, N, chunk) score block stays a few MB.
 DEFAULT_CHUNK = 1024
@@ -52,7 +57,7 @@ def attention_fwd_sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tenso
                            scale: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Forward through the fused CPU flash kernel; same contract as :func:`attention_fwd_chunked`."""
     B = k.shape[0]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    out, lse = FLASH_CPU_FWD(
         q.transpose(1, 2).expand(B, -1, -1, -1), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=additive_mask(mask, q.dtype), scale=scale)
     if mask is not None:
@@ -66,7 +71,7 @@ def attention_bwd_sdpa_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     """Backward of :func:`attention_fwd_sdpa_cpu`: (dq, dk, dv), contiguous, in the inputs' shapes."""
     B = k.shape[0]
     # Our lse = +inf on fully masked queries makes their probabilities, hence their gradients, zero.
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+    dq, dk, dv = FLASH_CPU_BWD(
         do.transpose(1, 2), q.transpose(1, 2).expand(B, -1, -1, -1), k.transpose(1, 2), v.transpose(1, 2),
         out.transpose(1, 2), lse, 0.0, False, attn_mask=additive_mask(mask, q.dtype), scale=scale)
     if q.shape[0] != B:  # batch-shared q: its gradient sums over the batch
