@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/cpu_attention.py            # the attention shapes
     PYTHONPATH=. python benchmarks/cpu_attention.py --models   # and HF Perceivers, patched vs not
+    PYTHONPATH=. python benchmarks/cpu_attention.py --backward # and forward + backward
 
 Attention rows: the issue's shapes (perceiver_fast.bench.shapes) at B1, fp32,
 forward under no_grad, median ms of ``--reps`` rounds after one warm-up round
@@ -14,7 +15,9 @@ hits them alike) of
   chunked loop every CPU call ran before;
 * ours: our op as shipped (``backend="torch"``).
 
-err: max |out - float64 eager| over batch element 0. Model rows: transformers'
+err: max |out - float64 eager| over batch element 0. ``--backward`` adds
+forward + backward rows (``torch.autograd.grad`` of q, k, v; no SDPA column,
+its inputs are other leaves). Model rows: transformers'
 PerceiverForImageClassification{Learned,Fourier} (random init, deepmind
 config, one 224x224 image) unpatched, patched with the route off, patched.
 """
@@ -98,6 +101,28 @@ def attention_rows(reps: int) -> None:
               f"| {err['ours']:.1e} |", flush=True)
 
 
+def backward_rows(reps: int) -> None:
+    print("\n| shape, forward + backward | eager ms | chunked (before) ms | ours (after) ms | after/before "
+          "| after/eager |")
+    print("|---|---|---|---|---|---|")
+    for name in ATTN_ROWS:
+        shape = S.attn_shape(name)
+        shape = shape.replace(B=1, q_batch=1 if shape.Bq == 1 else None)
+        inp = attn_inputs(shape, "float32", "cpu", requires_grad=True)
+        q, k, v, grad = inp["q"], inp["k"], inp["v"], inp["d_out"]
+        op = ops.cross_attention if shape.op == "cross" else ops.self_attention
+
+        def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
+            return lambda: torch.autograd.grad(fn(), [q, k, v], grad)
+
+        fns = {"eager": fwd_bwd(lambda: attention_reference(q, k, v)),
+               "ours": fwd_bwd(lambda: op(q, k, v, backend="torch"))}
+        fns["chunked"] = chunked(fns["ours"])
+        ms = interleaved_ms(fns, reps)
+        print(f"| {shape.label()} | {ms['eager']:.1f} | {ms['chunked']:.1f} | {ms['ours']:.1f} "
+              f"| {ms['ours'] / ms['chunked']:.2f} | {ms['ours'] / ms['eager']:.2f} |", flush=True)
+
+
 def model_rows(reps: int) -> None:
     from perceiver_fast.integrations import patch_hf_perceiver
 
@@ -123,10 +148,13 @@ def model_rows(reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", action="store_true", help="also time HF Perceivers, patched vs not")
+    parser.add_argument("--backward", action="store_true", help="also time forward + backward")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per row (median)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps} interleaved rounds")
     attention_rows(args.reps)
+    if args.backward:
+        backward_rows(args.reps)
     if args.models:
         model_rows(args.reps)
 

@@ -414,13 +414,16 @@ def test_empty_sequences(backend):
     assert (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
-# (Bq, B, N, M, H, Dqk, Dv, dropout_p), whether the "torch" backend runs it on the fused CPU kernel
+FUSED = ["FLASH_CPU_FWD", "FLASH_CPU_BWD"]
+CHUNKED = ["attention_fwd_chunked", "attention_bwd_chunked"]
+# (Bq, B, N, M, H, Dqk, Dv, dropout_p), the forward and backward the "torch" backend runs
 CPU_ROUTES = {
-    "shared_q-mask": ((1, 3, 6, 11, 2, 8, 8, 0.0), True),
-    "D261": ((2, 2, 5, 7, 1, 261, 261, 0.0), True),
-    "dropout": ((1, 3, 6, 11, 2, 8, 8, 0.2), False),
-    "Dqk!=Dv": ((1, 3, 6, 11, 2, 8, 5, 0.0), False),
-    "empty_M": ((1, 3, 6, 0, 2, 8, 8, 0.0), False),
+    "shared_q-mask": ((1, 3, 6, 11, 2, 8, 8, 0.0), FUSED),
+    "D256": ((2, 2, 5, 7, 1, 256, 256, 0.0), FUSED),
+    "D261-mask": ((1, 3, 5, 7, 1, 261, 261, 0.0), ["FLASH_CPU_FWD", "attention_bwd_chunked"]),
+    "dropout": ((1, 3, 6, 11, 2, 8, 8, 0.2), CHUNKED),
+    "Dqk!=Dv": ((1, 3, 6, 11, 2, 8, 5, 0.0), CHUNKED),
+    "empty_M": ((1, 3, 6, 0, 2, 8, 8, 0.0), CHUNKED),
 }
 
 
@@ -430,20 +433,20 @@ def test_torch_backend_routes_to_fused_cpu_kernel(name, monkeypatch):
 
     The kernel gets views of the inputs, never copies; a batch-shared q arrives expanded (batch stride 0).
     """
-    (Bq, B, N, M, H, Dqk, Dv, p), routed = CPU_ROUTES[name]
+    (Bq, B, N, M, H, Dqk, Dv, p), route = CPU_ROUTES[name]
     KNOBS["backend"] = "torch"
     calls = []
-    for fn in ("attention_fwd_chunked", "attention_bwd_chunked", "FLASH_CPU_FWD", "FLASH_CPU_BWD"):
+    for fn in CHUNKED + FUSED:
         real = getattr(AC, fn)
         monkeypatch.setattr(AC, fn, lambda *a, _real=real, _fn=fn, **kw: calls.append((_fn, a)) or _real(*a, **kw))
     q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, device="cpu")
     mask = _mask(B, M, device="cpu") if M else None
     grad = torch.randn(B, N, H, Dv)
     ours = _run(cross, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
-    names = [fn for fn, _ in calls]
-    assert names == (["FLASH_CPU_FWD", "FLASH_CPU_BWD"] if routed else ["attention_fwd_chunked", "attention_bwd_chunked"])
-    if routed:
-        for kq, kk, kv in (calls[0][1][:3], calls[1][1][1:4]):  # fwd (q, k, v, ...), bwd (do, q, k, v, ...)
+    assert [fn for fn, _ in calls] == route
+    for fn, args in calls:
+        if fn in FUSED:  # fwd (q, k, v, ...), bwd (do, q, k, v, ...)
+            kq, kk, kv = args[:3] if fn == "FLASH_CPU_FWD" else args[1:4]
             assert [t.data_ptr() for t in (kq, kk, kv)] == [t.data_ptr() for t in (q, k, v)]
             assert kq.shape[0] == B and (Bq == B or kq.stride(0) == 0)
     if p == 0.0:

@@ -2,8 +2,9 @@
 
 Same contract as the Triton launchers: out (B, N, H, Dv) in q's dtype and lse
 fp32 (B, H, N), +inf for a query with no attended key (whose output is zeros).
-Two routes, chosen by :func:`sdpa_cpu_accepts`, a pure function of the inputs,
-so the backward always takes its forward's route:
+Two routes, chosen by pure functions of the inputs (:func:`sdpa_cpu_accepts`,
+:func:`sdpa_cpu_bwd_accepts`), so forward and backward route the same way for
+the same call:
 
 * PyTorch's fused CPU flash kernel
   (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward),
@@ -14,6 +15,8 @@ so the backward always takes its forward's route:
   masks come from a CPU generator seeded by (seed, chunk start) so that they are
   reproducible from torch's seed and the backward regenerates the forward's
   mask (SDPA's CPU dropout is another stream, not replayable in the backward).
+  It also runs the backward of head dims over 256, where the fused backward is
+  slower; it needs only the lse, the same quantity from either forward.
 
 :func:`attention_fwd_cpu` and :func:`attention_bwd_cpu` are the entry points.
 """
@@ -31,6 +34,10 @@ from perceiver_fast.ops.backend import empty
 FLASH_CPU_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
+# Above this head dim the fused CPU backward loses to the chunked one (2-core CPU,
+# fp32, N512 M8192 H1, fused vs chunked: D261 73 vs 75 ms, D322 89 vs 80, D512 141 vs 94).
+MAX_SDPA_CPU_BWD_HEAD_DIM = 256
+
 # Keys per chunk: large enough for matmul efficiency, small enough that the
 # (B, H, N, chunk) score block stays a few MB.
 DEFAULT_CHUNK = 1024
@@ -43,6 +50,11 @@ def sdpa_cpu_accepts(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     sequence, and its dropout stream is not ours.
     """
     return dropout_p == 0.0 and q.shape[-1] == v.shape[-1] and q.numel() > 0 and k.numel() > 0 and v.numel() > 0
+
+
+def sdpa_cpu_bwd_accepts(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Whether the backward runs the fused CPU kernel (else the chunked loop, from the same lse)."""
+    return sdpa_cpu_accepts(q, k, v, dropout_p) and q.shape[-1] <= MAX_SDPA_CPU_BWD_HEAD_DIM
 
 
 def additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -90,8 +102,8 @@ def attention_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
 def attention_bwd_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       mask: Optional[Tensor] = None, seed: int = 0, dropout_p: float = 0.0,
                       scale: float = 1.0) -> Tuple[Tensor, Tensor, Tensor]:
-    """The backward custom op's "torch" backend, on the route its forward took."""
-    if sdpa_cpu_accepts(q, k, v, dropout_p):
+    """The backward custom op's "torch" backend: the fused CPU kernel where it is the faster, else the chunked loop."""
+    if sdpa_cpu_bwd_accepts(q, k, v, dropout_p):
         return attention_bwd_sdpa_cpu(do, q, k, v, out, lse, mask, scale)
     return attention_bwd_chunked(do, q, k, v, out, lse, mask, seed, dropout_p, scale)
 
