@@ -99,6 +99,7 @@ CROSS_CASES = [
     (2, 2, 1, 1, 1, 1, 1, False),
     (2, 2, 17, 23, 1, 3, 3, False),
     (1, 3, 20, 37, 2, 16, 5, True),
+    (1, 3, 20, 37, 2, 16, 16, True),
     (2, 2, 33, 9, 8, 64, 64, False),
     (2, 2, 9, 18, 2, 40, 130, True),
     (1, 2, 5, 7, 1, 261, 261, False),
@@ -130,6 +131,10 @@ LOW_PRECISION_CASES = {
     "fp16-D322-resident-tails": (torch.float16, (1, 2, 19, 21, 1, 322, 322, True), 2e-3),
     "fp16-D512-Dv40": (torch.float16, (1, 2, 9, 37, 1, 512, 40, True), 2e-3),
     "bf16-shared_mask": (torch.bfloat16, (1, 2, 19, 33, 2, 24, 40, True), 1e-2),
+    # Dqk == Dv: the "torch" backend runs these through the fused CPU kernel.
+    "fp16-shared_mask-same_dims": (torch.float16, (1, 2, 19, 33, 2, 24, 24, True), 2e-3),
+    "bf16-shared_mask-same_dims": (torch.bfloat16, (1, 2, 19, 33, 2, 24, 24, True), 1e-2),
+    "bf16-D261": (torch.bfloat16, (2, 2, 5, 7, 1, 261, 261, False), 1e-2),
 }
 
 
@@ -160,8 +165,8 @@ def test_self_attention_packed_qkv_views(backend, dtype, D, monkeypatch):
     B, N, H = 2, 21, 2
     qkv = torch.randn(B, N, 3, H, D, device=_dev(), dtype=dtype, requires_grad=True)
     seen = []
-    real_fwd = A.attention_fwd_chunked
-    monkeypatch.setattr(A, "attention_fwd_chunked", lambda q, *a, **kw: seen.append(q) or real_fwd(q, *a, **kw))
+    real_fwd = A.attention_fwd_cpu
+    monkeypatch.setattr(A, "attention_fwd_cpu", lambda q, *a, **kw: seen.append(q) or real_fwd(q, *a, **kw))
     if backend == "triton":
         real_tri = AT.attention_fwd_triton
         monkeypatch.setattr(AT, "attention_fwd_triton", lambda q, *a, **kw: seen.append(q) or real_tri(q, *a, **kw))
@@ -427,6 +432,60 @@ def test_empty_sequences(backend):
     assert out.shape == (2, 3, 1, 6) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all() and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+FUSED = ["FLASH_CPU_FWD", "FLASH_CPU_BWD"]
+CHUNKED = ["attention_fwd_chunked", "attention_bwd_chunked"]
+# (Bq, B, N, M, H, Dqk, Dv, dropout_p), the forward and backward the "torch" backend runs
+CPU_ROUTES = {
+    "shared_q-mask": ((1, 3, 6, 11, 2, 8, 8, 0.0), FUSED),
+    "D256": ((2, 2, 5, 7, 1, 256, 256, 0.0), FUSED),
+    "D261-mask": ((1, 3, 5, 7, 1, 261, 261, 0.0), ["FLASH_CPU_FWD", "attention_bwd_chunked"]),
+    "dropout": ((1, 3, 6, 11, 2, 8, 8, 0.2), CHUNKED),
+    "Dqk!=Dv": ((1, 3, 6, 11, 2, 8, 5, 0.0), CHUNKED),
+    "empty_M": ((1, 3, 6, 0, 2, 8, 8, 0.0), CHUNKED),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CPU_ROUTES))
+def test_torch_backend_routes_to_fused_cpu_kernel(name, monkeypatch):
+    """The "torch" backend runs SDPA's CPU flash kernel where it has our semantics, else the chunked loop.
+
+    The kernel gets views of the inputs, never copies; a batch-shared q arrives expanded (batch stride 0).
+    """
+    (Bq, B, N, M, H, Dqk, Dv, p), route = CPU_ROUTES[name]
+    KNOBS["backend"] = "torch"
+    calls = []
+    for fn in CHUNKED + FUSED:
+        real = getattr(AC, fn)
+        monkeypatch.setattr(AC, fn, lambda *a, _real=real, _fn=fn, **kw: calls.append((_fn, a)) or _real(*a, **kw))
+    q, k, v = _inputs(Bq, B, N, M, H, Dqk, Dv, device="cpu")
+    mask = _mask(B, M, device="cpu") if M else None
+    grad = torch.randn(B, N, H, Dv)
+    ours = _run(cross, [q, k, v], grad, key_padding_mask=mask, dropout_p=p)
+    assert [fn for fn, _ in calls] == route
+    for fn, args in calls:
+        if fn in FUSED:  # fwd (q, k, v, ...), bwd (do, q, k, v, ...)
+            kq, kk, kv = args[:3] if fn == "FLASH_CPU_FWD" else args[1:4]
+            assert [t.data_ptr() for t in (kq, kk, kv)] == [t.data_ptr() for t in (q, k, v)]
+            assert kq.shape[0] == B and (Bq == B or kq.stride(0) == 0)
+    if p == 0.0:
+        _assert_all_close(ours, _reference([q, k, v], grad, key_padding_mask=mask), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dv", [8, 5])
+def test_forward_lse(backend, dv):
+    """The forward op's lse is the natural-log logsumexp of the scaled scores, +inf where every key is masked."""
+    B, N, M, H, D, scale = 3, 6, 11, 2, 8, 0.3
+    q, k, v = (t.detach() for t in _inputs(1, B, N, M, H, D, dv))
+    mask = _mask(B, M)
+    _, lse = A.attention_fwd(q, k, v, mask, None, 0.0, scale, 0, backend)
+    s = torch.einsum("bnhd,bmhd->bhnm", q.double().expand(B, -1, -1, -1), k.double()) * scale
+    ref = s.masked_fill(~mask[:, None, None], float("-inf")).logsumexp(-1)
+    ref[0] = float("inf")  # batch 0 is fully masked
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, N)
+    torch.testing.assert_close(lse.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

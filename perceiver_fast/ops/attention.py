@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from perceiver_fast.ops.attention_cpu import attention_bwd_chunked, attention_fwd_chunked
+from perceiver_fast.ops.attention_cpu import attention_bwd_cpu, attention_fwd_cpu
 from perceiver_fast.ops.backend import resolve_backend, seed_to_int
 
 __all__ = ["cross_attention", "self_attention"]
@@ -119,7 +119,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
         from perceiver_fast.ops.attention_triton import attention_fwd_triton
 
         return attention_fwd_triton(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits)
-    return attention_fwd_chunked(q, k, v, key_padding_mask, seed_to_int(seed), dropout_p, softmax_scale)
+    return attention_fwd_cpu(q, k, v, key_padding_mask, seed_to_int(seed), dropout_p, softmax_scale)
 
 
 @attention_fwd.register_fake
@@ -138,8 +138,8 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
         return attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, softmax_scale,
                                     num_splits=num_splits)
-    return attention_bwd_chunked(grad_out, q, k, v, out, lse, key_padding_mask, seed_to_int(seed), dropout_p,
-                                 softmax_scale)
+    return attention_bwd_cpu(grad_out, q, k, v, out, lse, key_padding_mask, seed_to_int(seed), dropout_p,
+                             softmax_scale)
 
 
 @attention_bwd.register_fake
