@@ -46,10 +46,11 @@ DEFAULT_CHUNK = 1024
 def sdpa_cpu_accepts(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
     """Whether the fused CPU flash kernel computes this call with our semantics.
 
-    It refuses Dqk != Dv, crashes the process on an empty query or key
-    sequence, and its dropout stream is not ours.
+    It runs on CPU tensors only (backend="torch" may be asked for on a GPU, where
+    the chunked loop runs), refuses Dqk != Dv, crashes the process on an empty
+    query or key sequence, and its dropout stream is not ours.
     """
-    return dropout_p == 0.0 and q.shape[-1] == v.shape[-1] and q.numel() > 0 and k.numel() > 0 and v.numel() > 0
+    return q.device.type == "cpu" and dropout_p == 0.0 and q.shape[-1] == v.shape[-1] and q.numel() > 0 and k.numel() > 0 and v.numel() > 0
 
 
 def sdpa_cpu_bwd_accepts(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
