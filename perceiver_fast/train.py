@@ -383,12 +383,15 @@ def write_json(path: str, obj) -> None:
     atomic_write(path, write)
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "training.json")
+
+
 def save_checkpoint(model, out: str, training: Dict) -> None:
     """A ``from_pretrained`` folder: config.json + model.safetensors (the model's constructor config and
     weights, via its save_pretrained), plus training.json (model family, label mapping, normalisation).
 
-    Saved into a temporary folder inside ``out`` and moved file by file, so ``out`` always holds one
-    complete checkpoint: the previous one or the new one.
+    Saved into a temporary folder inside ``out`` and moved file by file (each file is replaced
+    atomically; a user's other files in ``out``, a README.md included, are left alone).
     """
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=out)
@@ -396,7 +399,7 @@ def save_checkpoint(model, out: str, training: Dict) -> None:
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "training.json"), "w") as fh:
             json.dump(_finite_or_none(training), fh, indent=1, allow_nan=False)
-        for name in sorted(os.listdir(tmp)):
+        for name in CHECKPOINT_FILES:  # only ours: save_pretrained also writes a model card (README.md)
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -423,21 +426,41 @@ def _all_finite(loss: torch.Tensor, dist_info: "Dist") -> bool:
     return bad.item() == 0
 
 
-def train(cfg: TrainConfig) -> Dict:
-    """Train; returns the metrics dict (also written to out/metrics.json).
+@dataclass
+class Prepared:
+    """A checked config with its dataset and model, ready for :func:`fit`."""
+    cfg: TrainConfig
+    data: Dataset
+    model: torch.nn.Module
+    model_cfg: Dict
 
-    Every field of ``cfg`` and the dataset are checked before any work
-    (ValueError/TypeError naming the field); ``out`` is created at the first
-    checkpoint, so a rejected run leaves nothing behind. A checkpoint is written
-    after every epoch; a NaN/inf loss stops the run with NonFiniteLossError,
-    keeping the last checkpoint, which is from an epoch whose losses were finite.
-    """
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Every check before any work: the fields of ``cfg`` (ValueError/TypeError naming the field), the
+    dependencies (ImportError), the dataset and the model. Nothing is written."""
     cfg = check_config(cfg)
     _check_train_dependencies()
     # Data and model before the process group: a bad dataset fails fast, on every rank alike.
     data = make_dataset(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.limit)
     torch.manual_seed(cfg.seed)
     model, model_cfg = build_model(cfg.model, data.image_shape, data.num_classes, cfg.attention, cfg.size)
+    return Prepared(cfg, data, model, model_cfg)
+
+
+def train(cfg: TrainConfig) -> Dict:
+    """Train; returns the metrics dict (also written to out/metrics.json).
+
+    :func:`prepare` checks everything first; ``out`` is created at the first
+    checkpoint, so a rejected run leaves nothing behind. A checkpoint is written
+    after every epoch; a NaN/inf loss stops the run with NonFiniteLossError,
+    keeping the last checkpoint, which is from an epoch whose losses were finite.
+    """
+    return fit(prepare(cfg))
+
+
+def fit(prepared: Prepared) -> Dict:
+    """The training run of :func:`train` on what :func:`prepare` returned; errors here propagate as they are."""
+    cfg, data, model, model_cfg = prepared.cfg, prepared.data, prepared.model, prepared.model_cfg
     dist_info, device = init_distributed(cfg.device)
     log = (lambda *a: print(*a, flush=True)) if dist_info.main and not cfg.quiet else (lambda *a: None)
     try:

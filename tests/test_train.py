@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_fast.train import TrainConfig, augment, build_model, load_arrays, make_dataset, train
+from perceiver_fast.train import (CHECKPOINT_FILES, TrainConfig, augment, build_model, load_arrays, make_dataset,
+                                  save_checkpoint, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,3 +260,13 @@ def test_diverging_loss_from_a_huge_lr_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("perceiver-fast: error")]
     assert len(lines) == 1 and "training loss is" in lines[0], err
+
+
+def test_checkpoint_leaves_the_users_other_files_alone(tmp_path):
+    """save_pretrained also writes a model card; only the checkpoint's own files reach --out."""
+    pytest.importorskip("huggingface_hub", reason="save_pretrained needs huggingface_hub ([hub] extra)")
+    (tmp_path / "README.md").write_text("my notes")
+    model, _ = build_model("vit", (1, 8, 8), 3, "eager")
+    save_checkpoint(model, str(tmp_path), {"epoch": 1})
+    assert (tmp_path / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CHECKPOINT_FILES + ("README.md",))

@@ -78,6 +78,7 @@ def time_rows(rows: List[Dict], build: Callable[[], Timed], device, quick: bool)
             r.update(status="FAIL", reason=failure_reason(e))
         release(device)
         return rows
+    fn = None
     try:
         for r in rows:
             d = r["direction"]
@@ -107,9 +108,9 @@ def time_rows(rows: List[Dict], build: Callable[[], Timed], device, quick: bool)
                 r.update(status="FAIL", reason=failure_reason(e) + (" (out of memory)" if is_oom(e) else ""))
             release(device)
     finally:
-        for fn in case.cleanup:
-            fn()
-        del case
+        for cleanup in case.cleanup:
+            cleanup()
+        del case, fn  # fn holds the case's closures (inputs, models): free them before release
         release(device)
     return rows
 

@@ -50,7 +50,9 @@ def bench_ms(fn: Callable[[], object], device, quick: bool = False, backward: bo
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up (first-call allocations, lazy imports)
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.05 if quick else 0.25)
+    # Timer defaults to one thread; time with the threads the rest of the run (and a user) has.
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.05 if quick else 0.25)
     times = sorted(1e3 * t for t in m.times)
     return Timing(quantile(times, 0.5), quantile(times, 0.2), quantile(times, 0.8))
 

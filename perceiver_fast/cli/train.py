@@ -55,14 +55,19 @@ def _flag_names(message: str, fields) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perceiver_fast.train import NonFiniteLossError, TrainConfig, train
+    from perceiver_fast.train import NonFiniteLossError, TrainConfig, fit, prepare
 
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     cfg = TrainConfig(**{k: getattr(args, k) for k in fields})
+    # Only the checks before any work become one-line errors; a failure during training keeps its traceback.
     try:
-        train(cfg)
+        prepared = prepare(cfg)
     except (ValueError, TypeError) as e:
         raise UsageError(_flag_names(str(e), fields)) from None
-    except (NonFiniteLossError, ImportError) as e:
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+    try:
+        fit(prepared)
+    except NonFiniteLossError as e:
         raise UsageError(str(e)) from None
     return 0
