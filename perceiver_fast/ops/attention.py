@@ -18,7 +18,8 @@ and the choice between them in :mod:`.backend`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -67,20 +68,21 @@ def _check_common(op: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) ->
 def _check_cross(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> None:
     op = "cross_attention"
     _check_common(op, q, k, v, dropout_p)
-    B, M, H, Dqk = k.shape
-    if v.shape[0] != B or v.shape[1] != M or v.shape[2] != H:
+    B, M, Hkv, Dqk = k.shape
+    if v.shape[0] != B or v.shape[1] != M or v.shape[2] != Hkv:
         raise ValueError(f"{op}: k {_shape(k)} and v {_shape(v)} must agree in batch, keys and heads")
-    if q.shape[0] not in (1, B) or q.shape[2] != H or q.shape[3] != Dqk:
+    H = q.shape[2]
+    if q.shape[0] not in (1, B) or q.shape[3] != Dqk or Hkv < 1 or H % Hkv != 0:
         raise ValueError(
-            f"{op}: q {_shape(q)} must be (Bq, N, H, Dqk) with Bq in {{1, {B}}}, H={H} and Dqk={Dqk} "
-            f"to match k {_shape(k)}"
+            f"{op}: q {_shape(q)} must be (Bq, N, H, Dqk) with Bq in {{1, {B}}}, Dqk={Dqk} and H a multiple of "
+            f"the {Hkv} key/value heads of k {_shape(k)}"
         )
     for name, d in (("Dqk", Dqk), ("Dv", v.shape[3])):
         if d < 1 or d > MAX_HEAD_DIM:
             raise ValueError(f"{op}: head dim {name}={d} (q {_shape(q)}, k {_shape(k)}, v {_shape(v)}) is outside "
                              f"the supported range [1, {MAX_HEAD_DIM}]")
     if H < 1:
-        raise ValueError(f"{op}: need at least one head, got k {_shape(k)}")
+        raise ValueError(f"{op}: need at least one head, got q {_shape(q)}")
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             got = f"{_shape(mask)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
@@ -96,8 +98,11 @@ def _check_cross(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropou
 def _check_self(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
     op = "self_attention"
     _check_common(op, q, k, v, dropout_p)
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{op}: q {_shape(q)}, k {_shape(k)} and v {_shape(v)} must all be (B, N, H, D)")
+    Hkv = k.shape[2]
+    if not (k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3]
+            and Hkv >= 1 and q.shape[2] % Hkv == 0):
+        raise ValueError(f"{op}: q {_shape(q)} must be (B, N, H, D) and k {_shape(k)}, v {_shape(v)} both "
+                         f"(B, N, Hkv, D) with Hkv dividing H")
     D = q.shape[3]
     if D < 1 or D > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim D={D} of q {_shape(q)} is outside the supported range [1, {MAX_HEAD_DIM}]")
@@ -109,21 +114,27 @@ def _check_self(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
 @torch.library.custom_op("perceiver_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                   seed: Optional[Tensor], dropout_p: float, softmax_scale: float,
-                  num_splits: int, backend: str) -> Tuple[Tensor, Tensor]:
+                  num_splits: int, backend: str, causal: bool = False,
+                  softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Forward: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N)).
 
     ``num_splits``: split-KV count, 0 = sized from the SM count and tile count.
     ``backend``: "auto", "triton" or "torch" (see :func:`.backend.resolve_backend`).
+    ``causal``: bottom-right causal mask; ``softcap`` > 0: scores capped by ``softcap * tanh(s / softcap)``.
+    k and v may have fewer heads than q (grouped-query heads).
     """
     if resolve_backend(backend, q) == "triton":
         from perceiver_fast.ops.attention_triton import attention_fwd_triton
 
-        return attention_fwd_triton(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits)
-    return attention_fwd_cpu(q, k, v, key_padding_mask, seed_to_int(seed), dropout_p, softmax_scale)
+        return attention_fwd_triton(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits,
+                                    causal=causal, softcap=softcap)
+    return attention_fwd_cpu(q, k, v, key_padding_mask, seed_to_int(seed), dropout_p, softmax_scale,
+                             causal=causal, softcap=softcap)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend):
+def _attention_fwd_fake(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend,
+                        causal=False, softcap=0.0):
     B, N, H, Dv = k.shape[0], q.shape[1], q.shape[2], v.shape[3]
     return q.new_empty((B, N, H, Dv)), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -131,40 +142,44 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, seed, dropout_p, softmax_scal
 @torch.library.custom_op("perceiver_fast::attention_bwd", mutates_args=())
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
-                  softmax_scale: float, num_splits: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  softmax_scale: float, num_splits: int, backend: str, causal: bool = False,
+                  softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous)."""
     if resolve_backend(backend, q) == "triton":
         from perceiver_fast.ops.attention_triton import attention_bwd_triton
 
         return attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, softmax_scale,
-                                    num_splits=num_splits)
+                                    num_splits=num_splits, causal=causal, softcap=softcap)
     return attention_bwd_cpu(grad_out, q, k, v, out, lse, key_padding_mask, seed_to_int(seed), dropout_p,
-                             softmax_scale)
+                             softmax_scale, causal=causal, softcap=softcap)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, softmax_scale, num_splits,
-                        backend):
+                        backend, causal=False, softcap=0.0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend = inputs
+    q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend, causal, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
     ctx.dropout_p = dropout_p
     ctx.softmax_scale = softmax_scale
     ctx.num_splits = num_splits
     ctx.backend = backend
+    ctx.causal = causal
+    ctx.softcap = softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
+    # The lse output is for merging partial attentions; its gradient is not propagated (as in FlashAttention).
     q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
     dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, seed,
-                               ctx.dropout_p, ctx.softmax_scale, ctx.num_splits, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+                               ctx.dropout_p, ctx.softmax_scale, ctx.num_splits, ctx.backend, ctx.causal, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -180,78 +195,107 @@ def draw_dropout_seed(dropout_p: float) -> Optional[Tensor]:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
-def _check_knobs(op: str, num_splits: int, backend: str) -> None:
+def _check_knobs(op: str, num_splits: int, backend: str, causal: bool = False, softcap: float = 0.0,
+                 return_lse: bool = False) -> None:
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"{op}: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     if backend not in ("auto", "triton", "torch", "sdpa"):
         raise ValueError(f"{op}: backend must be 'auto', 'triton', 'torch' or 'sdpa', got {backend!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{op}: return_lse must be a bool, got {return_lse!r}")
+    if (not isinstance(softcap, (float, int)) or isinstance(softcap, bool) or not math.isfinite(softcap)
+            or softcap < 0):
+        raise ValueError(f"{op}: softcap must be a finite float >= 0 (0 = no capping), got {softcap!r}")
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
-                    dropout_p: float = 0.0, softmax_scale: Optional[float] = None, num_splits: int = 0,
-                    backend: str = "auto") -> Tensor:
-    """Latent-to-input cross-attention ``softmax(q k^T * scale) v``.
+                    dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+                    softcap: float = 0.0, return_lse: bool = False, num_splits: int = 0,
+                    backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Latent-to-input cross-attention ``softmax(cap(q k^T * scale) + mask) v``.
 
     Args:
         q: (Bq, N, H, Dqk) queries, Bq in {1, B}. Bq == 1 is a batch-shared
             latent array: it is not expanded and its gradient is summed over
             the batch.
-        k: (B, M, H, Dqk) keys. v: (B, M, H, Dv) values. Any strides with a
-            contiguous last dim (e.g. views of a packed kv projection); rows
-            whose strides are multiples of 16 bytes stream by TMA, others are
-            repacked once on the GPU.
+        k: (B, M, Hkv, Dqk) keys. v: (B, M, Hkv, Dv) values. Hkv divides H
+            (grouped-query / multi-query heads: query head h reads key/value
+            head h // (H // Hkv); K/V are never repeated in memory). Any
+            strides with a contiguous last dim (e.g. views of a packed kv
+            projection); rows whose strides are multiples of 16 bytes stream
+            by TMA, others are repacked once on the GPU.
         key_padding_mask: optional bool (B, M), True = attend. Queries with no
             attended key output zeros and get zero gradient.
         dropout_p: attention dropout probability in [0, 1); pass 0.0 in eval.
         softmax_scale: defaults to Dqk ** -0.5.
+        causal: query i attends key j only if j <= i + M - N (aligned
+            bottom-right, as FlashAttention 2); combines with the key padding
+            mask. Query rows with no key (N > M) output zeros.
+        softcap: if > 0, scores are capped as ``softcap * tanh(s / softcap)``
+            (s = q k^T * scale) before the mask and the softmax (Gemma 2).
+        return_lse: also return the fp32 (B, H, N) natural-log log-sum-exp of
+            the (capped, masked) scores, +inf for a query with no attended key,
+            for merging partial attentions. It carries no gradient.
         num_splits: split-KV count of the GPU kernels; 0 (default) sizes it
             from the SM count and the tile count.
         backend: "auto" (Triton kernels on CUDA or under TRITON_INTERPRET=1,
             else the PyTorch path), "triton" or "torch".
 
     Returns:
-        (B, N, H, Dv) in the input dtype (fp32 accumulation).
+        (B, N, H, Dv) in the input dtype (fp32 accumulation), or
+        ``(out, lse)`` with ``return_lse=True``.
     """
     _check_cross(q, k, v, key_padding_mask, dropout_p)
-    _check_knobs("cross_attention", num_splits, backend)
+    _check_knobs("cross_attention", num_splits, backend, causal, softcap, return_lse)
     if backend == "sdpa":
         raise ValueError("cross_attention: backend='sdpa' is for self_attention only")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, _ = attention_fwd(q, k, v, key_padding_mask, draw_dropout_seed(dropout_p), float(dropout_p), scale,
-                           num_splits, backend)
-    return out
+    out, lse = attention_fwd(q, k, v, key_padding_mask, draw_dropout_seed(dropout_p), float(dropout_p), scale,
+                             num_splits, backend, causal, float(softcap))
+    return (out, lse) if return_lse else out
 
 
-def sdpa_accepts(q: Tensor, dropout_p: float) -> bool:
+def sdpa_accepts(q: Tensor, k: Tensor, dropout_p: float, causal: bool = False, softcap: float = 0.0) -> bool:
     """Whether a self-attention call is one SDPA's fused GPU kernels (cuDNN, flash) take with our semantics.
 
     Same maths, no batch-shared q, no key mask; 16-bit, head dim a multiple of 8
-    up to 256, and no dropout (ours is reproducible from torch's seed with our
-    own Philox stream, SDPA's is not the same stream).
+    up to 256, no dropout (ours is reproducible from torch's seed with our own
+    Philox stream, SDPA's is not the same stream), no soft-capping, and as many
+    key/value heads as query heads. Causal self-attention (N == M) is the same
+    mask in SDPA's top-left and our bottom-right convention.
     """
     D = q.shape[-1]
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
-            and D % 8 == 0 and D <= 256)
+            and D % 8 == 0 and D <= 256 and softcap == 0.0 and k.shape[2] == q.shape[2])
 
 
 def self_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0,
-                   softmax_scale: Optional[float] = None, backend: str = "auto") -> Tensor:
-    """Multi-head self-attention over (B, N, H, D) tensors, any D from 1 to 4096.
+                   softmax_scale: Optional[float] = None, causal: bool = False, softcap: float = 0.0,
+                   return_lse: bool = False, backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Multi-head self-attention over (B, N, H, D) queries and (B, N, Hkv, D) keys/values, any D from 1 to 4096.
 
     q, k and v may be views of one packed (B, N, 3, H, D) projection
-    (``qkv.unbind(2)``); they are used in place, without copies.
-    dropout_p in [0, 1) (pass 0.0 in eval); softmax_scale defaults to D ** -0.5.
+    (``qkv.unbind(2)``); they are used in place, without copies. Hkv divides H
+    (grouped-query heads, as :func:`cross_attention`).
+    dropout_p in [0, 1) (pass 0.0 in eval); softmax_scale defaults to D ** -0.5;
+    ``causal``, ``softcap`` and ``return_lse`` as in :func:`cross_attention`.
     backend: "auto" runs SDPA's fused kernels where they take the call with the
     same semantics (:func:`sdpa_accepts`, as xformers dispatches), else our
-    kernels; "triton", "torch" and "sdpa" force one.
-    Returns (B, N, H, D) in the input dtype.
+    kernels; "triton", "torch" and "sdpa" force one ("sdpa" has no lse).
+    Returns (B, N, H, D) in the input dtype, or ``(out, lse)`` with ``return_lse=True``.
     """
     _check_self(q, k, v, dropout_p)
-    _check_knobs("self_attention", 0, backend)
+    _check_knobs("self_attention", 0, backend, causal, softcap, return_lse)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if backend == "sdpa" or (backend == "auto" and sdpa_accepts(q, dropout_p)):
+    if backend == "sdpa" and (return_lse or softcap > 0.0):
+        raise ValueError("self_attention: backend='sdpa' has no return_lse and no softcap")
+    if backend == "sdpa" or (backend == "auto" and not return_lse and sdpa_accepts(q, k, dropout_p, causal, softcap)):
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=float(dropout_p), scale=scale)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=float(dropout_p), scale=scale,
+            is_causal=causal, enable_gqa=k.shape[2] != q.shape[2])
         return out.transpose(1, 2)
-    out, _ = attention_fwd(q, k, v, None, draw_dropout_seed(dropout_p), float(dropout_p), scale, 1, backend)
-    return out
+    out, lse = attention_fwd(q, k, v, None, draw_dropout_seed(dropout_p), float(dropout_p), scale, 1, backend,
+                             causal, float(softcap))
+    return (out, lse) if return_lse else out

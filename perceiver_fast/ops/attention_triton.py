@@ -738,8 +738,11 @@ def forward_plan(N: int, M: int, Dqk: int, Dv: int, dtype: torch.dtype, B: int, 
 # Launchers (inputs validated by perceiver_fast.ops.attention)
 # ---------------------------------------------------------------------------
 def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, num_splits: int,
-                         *, repack: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         *, causal: bool = False, softcap: float = 0.0,
+                         repack: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward on the Triton kernels: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N))."""
+    if causal or softcap > 0.0 or k.shape[2] != q.shape[2]:
+        raise NotImplementedError("causal / softcap / grouped-query heads: Triton kernels not written yet")
     Bq, N, H, Dqk = q.shape
     B, M, _, Dv = v.shape
     out = empty((B, N, H, Dv), device=q.device, dtype=q.dtype)
@@ -802,8 +805,11 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
 
 
 def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, scale: float,
-                         *, repack: Optional[bool] = None, num_splits: int = 0):
+                         *, causal: bool = False, softcap: float = 0.0, repack: Optional[bool] = None,
+                         num_splits: int = 0):
     """Backward on the Triton kernels: (dq, dk, dv) with the shapes and dtypes of q, k, v."""
+    if causal or softcap > 0.0 or k.shape[2] != q.shape[2]:
+        raise NotImplementedError("causal / softcap / grouped-query heads: Triton kernels not written yet")
     Bq, N, H, Dqk = q.shape
     B, M, _, Dv = v.shape
     dk = empty(k.shape, device=k.device, dtype=k.dtype)

@@ -27,31 +27,57 @@ def attention_reference(
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     training: bool = True,
+    causal: bool = False,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v, materialising the full score matrix.
+    """softmax(cap(q k^T * scale) + mask) v, materialising the full score matrix.
 
-    q: (Bq, N, H, Dqk) with Bq in {1, B}; k: (B, M, H, Dqk); v: (B, M, H, Dv).
-    key_padding_mask: bool (B, M), True = attend. Queries whose keys are all
-    masked get zeros (not NaN). Returns (B, N, H, Dv) in q's dtype.
+    q: (Bq, N, H, Dqk) with Bq in {1, B}; k: (B, M, Hkv, Dqk); v: (B, M, Hkv, Dv), Hkv dividing H (grouped-query
+    heads: query head h reads key/value head h // (H // Hkv)).
+    key_padding_mask: bool (B, M), True = attend. ``causal``: query i attends key j only if
+    j <= i + M - N (aligned bottom-right, FlashAttention 2's convention). ``softcap`` > 0 caps the scaled
+    scores as ``softcap * tanh(s / softcap)``. Queries whose keys are all masked get zeros (not NaN).
+    Returns (B, N, H, Dv) in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    H, Hkv = q.shape[2], k.shape[2]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=2)
+        v = v.repeat_interleave(H // Hkv, dim=2)
     qh = q.transpose(1, 2)  # (Bq, H, N, D)
     kh = k.transpose(1, 2)
     vh = v.transpose(1, 2)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, N, M)
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, None, :]
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
+    keep = attention_keep_mask(key_padding_mask, causal, q.shape[1], k.shape[1], q.device)
+    if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     # In the input dtype, as eager PyTorch and HF do: float64 stays an exact
     # oracle, and the benchmark's eager baseline holds no float32 copy.
     probs = torch.softmax(scores, dim=-1)
-    if key_padding_mask is not None:
+    if keep is not None:
         # A fully masked row is NaN after softmax; define it as zeros.
         probs = probs.masked_fill(~keep, 0.0)
     if dropout_p > 0.0 and training:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, vh)  # (B, H, N, Dv)
     return out.transpose(1, 2)
+
+
+def attention_keep_mask(key_padding_mask: Optional[torch.Tensor], causal: bool, n: int, m: int,
+                        device=None) -> Optional[torch.Tensor]:
+    """The bool (B|1, 1, N, M) mask of attended (query, key) pairs, or None when every pair is attended.
+
+    Key padding (True = attend) and, with ``causal``, j <= i + M - N (bottom-right aligned)."""
+    keep = None
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+    if causal:
+        rows = torch.arange(n, device=device)[:, None] + (m - n)
+        tri = (torch.arange(m, device=device)[None, :] <= rows)[None, None]
+        keep = tri if keep is None else keep & tri
+    return keep
 
 
 def fourier_features_reference(
