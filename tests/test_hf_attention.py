@@ -95,13 +95,13 @@ def test_vit_and_set_attn_implementation():
     torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-5)
 
 
-def test_causal_decoder_falls_back_to_sdpa():
-    """BERT as a causal decoder: the mask function hands sdpa's causal mask through and the attention function
-    gives it to sdpa; the fused op does not run."""
+def test_causal_decoder_with_padding_fuses():
+    """BERT as a causal decoder with padding: the mask function hands transformers' own causal mask through and
+    records its pattern (bottom-right causal + key padding), so the call fuses with the same result."""
     ref, ours = _pair(transformers.BertModel, _bert_config(is_decoder=True))
     want, got, calls = _bert_outputs(ref, ours, torch.randint(0, 50, (3, 7)), _padding_mask())
-    assert calls.attention_fwd == 0
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert calls.attention_fwd == LAYERS
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_4d_mask_and_float64_fall_back():

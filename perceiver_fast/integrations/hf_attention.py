@@ -4,20 +4,36 @@
 ``AttentionInterface`` and :func:`hf_attention_mask` with its ``AttentionMaskInterface``. Afterwards
 ``from_pretrained(..., attn_implementation=name)``, ``_from_config(config, attn_implementation=name)`` and
 ``model.set_attn_implementation(name)`` run :func:`perceiver_fast.cross_attention` in every model that routes
-its attention through the interface (ViT, BERT, ...). transformers' Perceiver does not use the interface:
-see :func:`perceiver_fast.integrations.patch_hf_perceiver`.
+its attention through the interface. transformers' Perceiver does not use the interface: loaded with the name it
+runs its own (exact) code and warns once; :func:`perceiver_fast.integrations.patch_hf_perceiver` fuses it.
 
-The contract: the attention function gets q/k/v as (B, H, S, D) (a transpose is a free view into the op's
-(B, S, H, D) layout), ``scaling`` and ``dropout``, and returns ((B, S, H, D), None). The mask function turns
-a bidirectional 2-D padding mask into the (B, KV) bool key-padding mask the op takes. Everything the op cannot
-express runs transformers' sdpa with the same arguments (and the mask sdpa would have got): causal, sliding
-window or custom 4-D masks, ``is_causal``, grouped-query heads, paged caches, softcapping / sinks /
-position biases, ``output_attentions``, and dtypes or head dims the op does not take. Queries whose keys are
-all padded get the op's zeros; sdpa returns the same.
+The contract: **exact, always.** Every call either runs the fused op with identical semantics or the path the
+model itself takes without us (sdpa where the model supports it, its own eager function where it does not), with
+the arguments and the mask in the form that path expects.
+
+* The mask function returns exactly the mask of the model's own path (sdpa's bool mask or eager's additive one),
+  so code outside the attention function (pooling heads that reshape the mask, models that add it to scores)
+  sees nothing new. Beside it, it records what the mask means when it is a pattern the op expresses
+  (bidirectional or bottom-right causal, with or without a 2-D key padding mask) in a side table keyed by the
+  mask tensor's identity (:class:`MaskPattern`); reading it costs no host sync.
+* The attention function fuses a call when its mask is such a recorded tensor (or None), and nothing else in the
+  call changes the maths: no position bias, sliding window, packed sequences, sinks, ``output_attentions``,
+  head mask, and a dtype/head dim the op takes. Grouped-query heads, causal masks (also while decoding with a
+  cache), key padding, soft-capping, dropout and batch-shared queries fuse.
+* On the eager path a query row with no visible key is a uniform average over all keys (softmax of equal
+  ``finfo.min`` scores); the op gives zeros, so those rows are replaced by the mean of V (no host sync).
+  sdpa gives zeros, as the op does.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import functools
+import inspect
+import re
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -26,9 +42,15 @@ from perceiver_fast.layers import dispatch
 DEFAULT_NAME = "perceiver_fast"
 # Substrings that make transformers treat an implementation name as its own (hub kernels, sdpa, flash, flex)
 _RESERVED = ("/", "sdpa", "flash_attention", "flex_attention", "paged|", "eager")
-# Keyword arguments that ask for something the op cannot do when they are set (not None / False)
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "cache",
-                       "sliding_window", "cu_seq_lens_q", "cu_seq_lens_k")
+# Keyword arguments that change the maths when set (anything but None / False). Compared with `is`, never
+# `in`, since some are tensors (position_bias).
+MATH_KWARGS = ("s_aux", "sinks", "position_bias", "sliding_window", "cu_seq_lens_q", "cu_seq_lens_k",
+               "max_length_q", "max_length_k", "output_attentions", "head_mask", "layer_head_mask", "attn_bias",
+               "alibi", "attention_bias")
+# The module attributes a standard eager attention function reads; one reading anything else (sinks, biases)
+# does something the op may not, so its calls are not fused.
+_STANDARD_EAGER_ATTRIBUTES = {"head_dim", "num_key_value_groups", "training", "scaling", "config", "is_causal",
+                              "attention_dropout", "dropout"}
 
 
 def _transformers():
@@ -40,60 +62,270 @@ def _transformers():
     return masking_utils, modeling_utils, sdpa_attention
 
 
-def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                      mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-    """transformers mask function: a (B, KV) bool key-padding mask (True = attend) or None for a plain
-    bidirectional mask; for any other pattern (causal, sliding window, packed sequences, ``or``/``and``
-    masks) the 4-D mask transformers' sdpa would get, which :func:`hf_attention_forward` hands to sdpa."""
-    masking_utils, _, _ = _transformers()
-    plain = (mask_function is masking_utils.bidirectional_mask_function and kv_offset == 0
-             and (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool
-                                             and attention_mask.shape[-1] == kv_length)))
-    if not plain:
-        if mask_function is None:
-            mask_function = masking_utils.causal_mask_function  # sdpa_mask's own default
-        return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                                       q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-                                       attention_mask=attention_mask, **kwargs)
-    if attention_mask is None:
+# ---------------------------------------------------------------------------
+# The model's own path: sdpa or eager
+# ---------------------------------------------------------------------------
+def _subclasses(cls) -> list:
+    seen, todo = [], [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.append(sub)
+                todo.append(sub)
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _path_of_config_class(config_cls: type) -> str:
+    _, modeling_utils, _ = _transformers()
+    models = [c for c in _subclasses(modeling_utils.PreTrainedModel) if getattr(c, "config_class", None) is config_cls]
+    return "eager" if models and not all(c._supports_sdpa for c in models) else "sdpa"
+
+
+@functools.lru_cache(maxsize=None)
+def _path_of_module_class(module_cls: type) -> str:
+    _, modeling_utils, _ = _transformers()
+    home = sys.modules.get(module_cls.__module__)
+    models = [c for c in vars(home).values() if isinstance(c, type) and issubclass(c, modeling_utils.PreTrainedModel)
+              and c.__module__ == module_cls.__module__] if home is not None else []
+    return "eager" if models and not all(c._supports_sdpa for c in models) else "sdpa"
+
+
+def model_attention_path(config_or_module: Any) -> str:
+    """"sdpa" or "eager": the attention transformers would run for this config or attention module without us
+    (sdpa where every model class of the config supports it, as ``attn_implementation=None`` picks)."""
+    _, modeling_utils, _ = _transformers()
+    config = config_or_module
+    if isinstance(config_or_module, torch.nn.Module):
+        config = getattr(config_or_module, "config", None)
+        if not isinstance(config, modeling_utils.PreTrainedConfig):
+            return _path_of_module_class(type(config_or_module))
+    return _path_of_config_class(type(config))
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_eager(fn: Callable) -> bool:
+    """Whether a model's eager attention function is the standard recipe (matmul, scale, optional softcap, mask,
+    softmax, dropout, matmul) that the op reproduces, judged from the module attributes it reads."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    used = set(re.findall(r"\bmodule\.(\w+)", source))
+    return used <= _STANDARD_EAGER_ATTRIBUTES and "softmax" in source
+
+
+def _eager_function(module: torch.nn.Module) -> Optional[Callable]:
+    home = sys.modules.get(type(module).__module__)
+    return getattr(home, "eager_attention_forward", None) if home is not None else None
+
+
+def _run_own_path(path: str, module, query, key, value, attention_mask, args, kwargs):
+    if path == "eager":
+        eager = _eager_function(module)
+        if eager is not None:
+            return eager(module, query, key, value, attention_mask, *args, **kwargs)
+    _, _, sdpa_attention = _transformers()
+    return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Mask function: the model's own mask, plus what it means
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskPattern:
+    """What a mask built by :func:`hf_attention_mask` means, when the op can express it.
+
+    ``key_padding``: bool (B, keys) True = attend, or None. ``causal``: query i sees key j <= i + keys - N.
+    ``keys``: how many leading keys the pattern uses (a causal mask over a longer, static cache ignores the rest).
+    ``q_length``/``kv_length``: the mask's shape.
+    """
+    key_padding: Optional[torch.Tensor]
+    causal: bool
+    keys: int
+    q_length: int
+    kv_length: int
+
+
+_PATTERNS: Dict[int, Tuple["weakref.ref", MaskPattern]] = {}
+
+
+def _remember(mask: torch.Tensor, pattern: MaskPattern) -> None:
+    key = id(mask)
+    _PATTERNS[key] = (weakref.ref(mask, lambda _, key=key: _PATTERNS.pop(key, None)), pattern)
+
+
+def mask_pattern(mask: Optional[torch.Tensor]) -> Optional[MaskPattern]:
+    """The :class:`MaskPattern` recorded for this exact mask tensor by :func:`hf_attention_mask`, else None."""
+    if mask is None:
         return None
-    return attention_mask.expand(batch_size, kv_length)
+    entry = _PATTERNS.get(id(mask))
+    return entry[1] if entry is not None and entry[0]() is mask else None
 
 
-def _fused_can_take(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor], is_causal: Optional[bool], kwargs: dict) -> bool:
-    if any(kwargs.get(name) not in (None, False) for name in _UNSUPPORTED_KWARGS):
-        return False
-    if attention_mask is not None and not (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool):
-        return False  # a 4-D mask: causal / sliding / custom, or the user's own
-    # sdpa's rule: without a mask a causal module (is_causal defaults to True) attends causally
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and causal and query.shape[2] > 1:
-        return False
-    b, h = key.shape[0], key.shape[1]
-    ops = dispatch.fused_ops()
-    return (query.shape[1] == h and value.shape[1] == h and query.shape[0] in (1, b)
-            and query.dtype in dispatch.FUSED_ATTENTION_DTYPES
-            and max(query.shape[-1], value.shape[-1]) <= ops.MAX_HEAD_DIM
-            and query.dtype == key.dtype == value.dtype)
+def _pattern(masking_utils, q_length: int, kv_length: int, q_offset, kv_offset, mask_function,
+             attention_mask: Optional[torch.Tensor]) -> Optional[MaskPattern]:
+    if mask_function is masking_utils.bidirectional_mask_function:
+        causal = False
+    elif mask_function is masking_utils.causal_mask_function:
+        causal = True
+    else:
+        return None  # sliding window, chunked, packed sequences, or/and overlays: not the op's
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
+        return None  # a static cache's tensor offset: reading it would sync
+    keys = kv_length
+    if causal:
+        # kv_offset + j <= q_offset + i  <=>  j <= i + (keys - q_length) with keys = q_length + q_offset - kv_offset
+        keys = q_length + q_offset - kv_offset
+        if not 0 < keys <= kv_length:
+            return None
+    key_padding = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            return None
+        padded = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        key_padding = padded[:, kv_offset:kv_offset + keys]
+    return MaskPattern(key_padding, causal, keys, q_length, kv_length)
+
+
+def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                      mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
+                      **kwargs):
+    """transformers mask function: exactly the mask the model's own path builds (sdpa's bool mask or None, or
+    eager's additive mask), recording its :class:`MaskPattern` when the op can express it."""
+    masking_utils, _, _ = _transformers()
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function  # sdpa_mask's own default
+    config = kwargs.get("config")
+    if getattr(config, "model_type", None) == "perceiver":
+        _warn_perceiver()
+    path = model_attention_path(config) if config is not None else "sdpa"
+    build = masking_utils.eager_mask if path == "eager" else masking_utils.sdpa_mask
+    mask = build(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    if isinstance(mask, torch.Tensor):
+        pattern = _pattern(masking_utils, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+        if pattern is not None:
+            _remember(mask, pattern)
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_perceiver() -> None:
+    warnings.warn(
+        "transformers' Perceiver does not route its attention through AttentionInterface, so "
+        "attn_implementation='perceiver_fast' leaves it on its own (exact) eager code. Fuse it with "
+        "perceiver_fast.integrations.patch_hf_perceiver(model), or register_hf_perceiver_patch() before loading.",
+        stacklevel=3)
+
+
+# ---------------------------------------------------------------------------
+# Attention function
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    key_padding: Optional[torch.Tensor]
+    causal: bool
+    keys: int
+    dropout: float
+    uniform_empty_rows: bool  # eager path: rows with no visible key average all keys
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value is not False
+
+
+def _fusion_plan(path: str, module, query, key, value, attention_mask, kwargs) -> Optional[_Plan]:
+    if any(_is_set(kwargs.get(name)) for name in MATH_KWARGS):
+        return None
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        return None
+    scaling = kwargs.get("scaling")
+    if scaling is not None and not isinstance(scaling, (int, float)):
+        return None
+    dropout = kwargs.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)):
+        return None
+    if path == "eager":
+        eager = _eager_function(module)
+        if eager is None or not _standard_eager(eager):
+            return None
+        dropout = dropout if module.training else 0.0  # eager's nn.functional.dropout(training=module.training)
+    # Shapes: q (Bq, H, N, D), k (B, Hkv, M, D), v (B, Hkv, M, Dv)
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return None
+    (Bq, H, N, D), (B, Hkv, M, Dk), (Bv, Hv, Mv, Dv) = query.shape, key.shape, value.shape
+    if (Bv, Hv, Mv) != (B, Hkv, M) or Dk != D or Bq not in (1, B) or Hkv < 1 or H % Hkv or N < 1 or M < 1:
+        return None
+    if H != Hkv and getattr(module, "num_key_value_groups", None) != H // Hkv:
+        return None  # sdpa / eager repeat k/v by the module's group count; anything else is not ours to guess
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in dispatch.FUSED_ATTENTION_DTYPES):
+        return None
+    if max(D, Dv) > dispatch.fused_ops().MAX_HEAD_DIM:
+        return None
+    if attention_mask is None:
+        causal = False
+        if path == "sdpa":  # sdpa's rule: is_causal (else the module's) for more than one query, top-left
+            is_causal = kwargs.get("is_causal")
+            causal = N > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            if causal is not True and causal is not False:
+                return None
+        if causal:
+            if M < N:
+                return None
+            return _Plan(None, True, N, float(dropout), False)  # top-left over M >= N keys = bottom-right over N
+        return _Plan(None, False, M, float(dropout), False)
+    pattern = mask_pattern(attention_mask)
+    if pattern is None or pattern.q_length != N or pattern.kv_length != M:
+        return None
+    kp = pattern.key_padding
+    if kp is not None and (kp.shape != (B, pattern.keys) or kp.device != key.device):
+        return None
+    uniform = path == "eager" and (kp is not None or (pattern.causal and pattern.keys < N))
+    if uniform and dropout > 0.0:
+        return None  # eager drops out the uniform rows too; not reproduced
+    return _Plan(kp, pattern.causal, pattern.keys, float(dropout), uniform)
+
+
+def _uniform_empty_rows(out: torch.Tensor, value: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Eager's answer for rows with no visible key: the mean of V over all keys (per kv head, over its group)."""
+    B, N, H = out.shape[0], out.shape[1], out.shape[2]
+    kp = plan.key_padding
+    if plan.causal:
+        last = torch.arange(N, device=out.device) + (plan.keys - N)  # last visible key of each row
+        if kp is None:
+            empty = (last < 0)[None].expand(B, N)
+        else:
+            first = torch.where(kp.any(-1), kp.to(torch.int8).argmax(-1), plan.keys)  # first attended key
+            empty = last[None, :] < first[:, None]
+    else:
+        empty = (~kp.any(-1))[:, None].expand(B, N)
+    mean = value.float().mean(dim=2).repeat_interleave(H // value.shape[1], dim=1)  # (B, H, Dv)
+    return torch.where(empty[:, :, None, None], mean[:, None].to(out.dtype), out)
 
 
 def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
-                         scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                         **kwargs: Any) -> Tuple[torch.Tensor, None]:
-    """transformers attention function: q (B|1, H, N, D), k (B, H, M, D), v (B, H, M, Dv) -> ((B, N, H, Dv), None).
+                         attention_mask: Optional[torch.Tensor], *args: Any,
+                         **kwargs: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """transformers attention function: q (B|1, H, N, D), k (B, Hkv, M, D), v (B, Hkv, M, Dv) -> ((B, N, H, Dv), None).
 
-    ``attention_mask`` is what :func:`hf_attention_mask` made (a (B, M) bool key-padding mask or None) or a
-    4-D mask; calls the op cannot express exactly run transformers' sdpa with the same arguments.
+    Fuses the call when the op computes exactly what the model's own path would (see the module docstring);
+    otherwise runs that path (sdpa or the model's eager function) with the same arguments.
     """
-    if not _fused_can_take(module, query, key, value, attention_mask, is_causal, kwargs):
-        _, _, sdpa_attention = _transformers()
-        return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                                     scaling=scaling, is_causal=is_causal, **kwargs)
-    out = dispatch.cross_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                    attention="fused", key_padding_mask=attention_mask, dropout_p=float(dropout),
-                                    softmax_scale=scaling)
+    path = model_attention_path(module)
+    plan = None if args else _fusion_plan(path, module, query, key, value, attention_mask, kwargs)
+    if plan is None:
+        return _run_own_path(path, module, query, key, value, attention_mask, args, kwargs)
+    k, v = key.transpose(1, 2), value.transpose(1, 2)
+    if plan.keys != k.shape[1]:
+        k, v = k[:, :plan.keys], v[:, :plan.keys]
+    softcap = kwargs.get("softcap")
+    out = dispatch.cross_attention(query.transpose(1, 2), k, v, attention="fused", key_padding_mask=plan.key_padding,
+                                   dropout_p=plan.dropout, softmax_scale=kwargs.get("scaling"), causal=plan.causal,
+                                   softcap=float(softcap) if softcap else 0.0)
+    if plan.uniform_empty_rows:
+        out = _uniform_empty_rows(out, value, plan)
     return out, None
 
 
@@ -102,6 +334,8 @@ def register_hf_attention(name: str = DEFAULT_NAME) -> str:
 
     Registers :func:`hf_attention_forward` (``AttentionInterface``) and :func:`hf_attention_mask`
     (``AttentionMaskInterface``; without a mask function transformers would drop the padding mask).
+    transformers' Perceiver does not use these interfaces: fuse it with
+    :func:`perceiver_fast.integrations.patch_hf_perceiver`.
     """
     if not isinstance(name, str) or not name or any(word in name for word in _RESERVED):
         raise ValueError(f"register_hf_attention: name must be a plain non-empty string without any of "

@@ -63,20 +63,25 @@ def cross_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q (Bq, N, H, Dqk) with Bq in {1, B}, k (B, M, H, Dqk), v (B, M, H, Dv) -> (B, N, H, Dv).
+    """q (Bq, N, H, Dqk) with Bq in {1, B}, k (B, M, Hkv, Dqk), v (B, M, Hkv, Dv) -> (B, N, H, Dv).
 
     ``dropout_p`` must already be 0 outside training (the fused op has no
-    ``training`` flag).
+    ``training`` flag). ``causal`` (bottom-right) and ``softcap`` as in
+    :func:`perceiver_fast.ops.attention.cross_attention`.
     """
     if attention == "fused":
         return fused_ops().cross_attention(
-            q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale
+            q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p, softmax_scale=softmax_scale,
+            causal=causal, softcap=softcap,
         )
     if q.shape[0] != k.shape[0]:
         q = q.expand(k.shape[0], *q.shape[1:])  # the reference's matmul broadcasts anyway; keep shapes explicit
     return attention_reference(
-        q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True
+        q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale, dropout_p=dropout_p, training=True,
+        causal=causal, softcap=softcap,
     )
 
 
