@@ -18,6 +18,14 @@ about 640 MB; ``--toolchain DIR`` or $PERCEIVER_FAST_SM90_TOOLCHAIN picks it), a
 script re-runs itself with that triton first on its path. ``--check`` exits 1 unless
 every cross-attention entry (pio-learned, pio-fourier, pio-conv) has dot wgmma, K/V by
 TMA or cp.async, no spills and shared memory within sm_90's 232,448 bytes.
+
+Besides each shape as the bench declares it (``variant`` "base"; the bench's feature
+shapes, perceiver_fast/bench/shapes.py FEATURE_SHAPES, compile with their own GQA /
+causal / softcap flags), the checked cross-attention shapes also compile the kernels'
+feature variants (``VARIANTS``): "gqa" (two query heads per key/value head: the
+dK/dV kernel's group loop), "causal" (block skipping and the diagonal mask) and
+"softcap" (tanh capping in the forward and its derivative in the backward). They
+are held to the same bar.
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ import time
 TRITON_VERSION = "3.6.0"
 DEFAULT_TOOLCHAIN = os.path.join(os.path.expanduser("~"), ".cache", "perceiver_fast", f"triton-{TRITON_VERSION}")
 CHECKED_SHAPES = ("pio-learned", "pio-fourier", "pio-conv")
+# Feature variants compiled on the checked shapes: (query heads per key/value head, causal, softcap).
+VARIANTS = {"gqa": (2, False, False), "causal": (1, True, False), "softcap": (1, False, True)}
 SMEM_LIMIT = 232_448
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,19 +140,34 @@ def _strides(B, S, H, D, row=None):
     return S * row, row, D
 
 
-def _entries_for(shape, AT, torch, MockTensor):
-    """(kernel name, direction, kernel, args, consts, configs) for one bench shape."""
+def shape_variants(shape):
+    """(variant name, query heads, key/value heads, causal, softcap) to compile for one bench shape: the shape
+    as declared, plus the feature variants on the checked cross-attention shapes (the "gqa" variant gives
+    each of the shape's H heads ``group`` query heads)."""
+    out = [("base", shape.H, shape.kv_heads, shape.causal, shape.softcap > 0)]
+    if shape.name in CHECKED_SHAPES:
+        out += [(name, shape.H * group, shape.H, causal, softcap)
+                for name, (group, causal, softcap) in VARIANTS.items()]
+    return out
+
+
+def _entries_for(shape, AT, torch, MockTensor, H=None, Hkv=None, causal=False, softcap=False):
+    """(kernel name, direction, kernel, args, consts, configs) for one bench shape and feature variant
+    (H query heads over Hkv key/value heads; default: the shape's)."""
     import triton
 
     dt = torch.bfloat16
     dev = torch.device("cpu")
-    B, H, N, M, Dqk, Dv = shape.B, shape.H, shape.N, shape.M, shape.Dqk, shape.Dv
+    B, N, M, Dqk, Dv = shape.B, shape.N, shape.M, shape.Dqk, shape.Dv
+    H = H or shape.H
+    Hkv = Hkv or H
+    group = H // Hkv
     # The op hands the kernels 16-byte aligned K/V: our layers' padded layout, or its repack of a
     # user's unaligned rows (plan_alignment), so every shape compiles with USE_TMA.
     pad = lambda d: triton.cdiv(d, 8) * 8  # noqa: E731
     qs = _strides(B, N, H, pad(Dqk))
-    ks = _strides(B, M, H, pad(Dqk))
-    vs = _strides(B, M, H, pad(Dv))
+    ks = _strides(B, M, Hkv, pad(Dqk))
+    vs = _strides(B, M, Hkv, pad(Dv))
     os_ = _strides(B, N, H, triton.cdiv(Dv, 16) * 16)  # the launcher's padded output rows
     plan = AT.forward_plan(N, M, Dqk, Dv, dt, B, H, 0, dev)
     split = plan["num_splits"] > 1
@@ -154,9 +179,11 @@ def _entries_for(shape, AT, torch, MockTensor):
         stride_kb=ks[0], stride_km=ks[1], stride_kh=ks[2], stride_vb=vs[0], stride_vm=vs[1], stride_vh=vs[2],
         stride_maskb=0, stride_os=os_[0] * B if split else 0, stride_ob=os_[0], stride_on=os_[1],
         stride_oh=os_[2], stride_ls=B * H * N if split else 0,
-        H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, keys_per_split=plan["keys_per_split"], scale_log2=0.1, dropout_p=0.0,
+        H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, group=group, keys_per_split=plan["keys_per_split"], scale_log2=0.1,
+        cap_in=0.1, cap_log2=0.1, dropout_p=0.0,
         N_BUCKET=AT.bucket(N), M_BUCKET=AT.bucket(M))
     fwd_consts = dict(HAS_MASK=False, DROPOUT=False, SPLIT=split, PRECISION="ieee", USE_TMA=True,
+                      CAUSAL=causal, SOFTCAP=softcap,
                       QK_RESIDENT=qk.resident, DQK0=qk.main, DQK1=qk.tail, DV0=vp.main, DV1=vp.tail,
                       BLOCK_N=plan["block_n"])
     kernel = AT.attn_fwd_kernel
@@ -170,16 +197,18 @@ def _entries_for(shape, AT, torch, MockTensor):
         stride_kb=ks[0], stride_km=ks[1], stride_kh=ks[2], stride_vb=vs[0], stride_vm=vs[1], stride_vh=vs[2],
         stride_maskb=0, stride_dob=_strides(B, N, H, pad(Dv))[0], stride_don=_strides(B, N, H, pad(Dv))[1],
         stride_doh=_strides(B, N, H, pad(Dv))[2],
-        H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, scale=0.1, scale_log2=0.1, dropout_p=0.0,
+        H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, group=group, scale=0.1, scale_log2=0.1, cap_in=0.1, cap_log2=0.1,
+        dropout_p=0.0,
         N_BUCKET=AT.bucket(N), M_BUCKET=AT.bucket(M), DQK_BUCKET=AT.bucket(Dqk), DV_BUCKET=AT.bucket(Dv))
-    bwd_consts = dict(HAS_MASK=False, DROPOUT=False, PRECISION="ieee", USE_TMA=True)
+    bwd_consts = dict(HAS_MASK=False, DROPOUT=False, PRECISION="ieee", USE_TMA=True, CAUSAL=causal, SOFTCAP=softcap)
     dkdv = dict(bwd_common, DK=MockTensor(dt), DV=MockTensor(dt), stride_dkb=ks[0], stride_dkm=ks[1],
                 stride_dkh=ks[2], stride_dvb=vs[0], stride_dvm=vs[1], stride_dvh=vs[2])
     dq = dict(bwd_common, DQ=MockTensor(torch.float32), stride_dqs=B * N * H * Dqk, stride_dqb=N * H * Dqk,
               stride_dqn=H * Dqk, stride_dqh=Dqk, keys_per_split=plan["keys_per_split"])
-    for name, kern, args in (("attn_bwd_dkdv", AT.attn_bwd_dkdv_kernel, dkdv), ("attn_bwd_dq", AT.attn_bwd_dq_kernel, dq)):
+    for name, kern, args, consts in (("attn_bwd_dkdv", AT.attn_bwd_dkdv_kernel, dkdv, dict(bwd_consts, GQA=group > 1)),
+                                     ("attn_bwd_dq", AT.attn_bwd_dq_kernel, dq, bwd_consts)):
         cfgs = AT.prune_bwd_configs(kern.configs, args)
-        yield name, "bwd", kern, args, bwd_consts, cfgs
+        yield name, "bwd", kern, args, consts, cfgs
 
 
 def run_report(shape_names) -> dict:
@@ -188,15 +217,17 @@ def run_report(shape_names) -> dict:
     import triton
     from triton.runtime.jit import MockTensor
 
-    from perceiver_fast.bench.shapes import ATTN_SHAPES
+    from perceiver_fast.bench.shapes import ATTN_SHAPES, FEATURE_SHAPES
     from perceiver_fast.ops import attention_triton as AT
 
-    shapes = [s for s in ATTN_SHAPES if shape_names is None or s.name in shape_names]
+    shapes = [s for s in ATTN_SHAPES + FEATURE_SHAPES if shape_names is None or s.name in shape_names]
     entries = []
-    for shape in shapes:
-        for kname, direction, kernel, args, consts, cfgs in _entries_for(shape, AT, torch, MockTensor):
+    for shape, (variant, H, Hkv, causal, softcap) in [(s, v) for s in shapes for v in shape_variants(s)]:
+        for kname, direction, kernel, args, consts, cfgs in _entries_for(shape, AT, torch, MockTensor, H, Hkv,
+                                                                         causal, softcap):
             for cfg in cfgs:
-                entry = dict(kernel=kname, shape=shape.name, direction=direction, config=_cfg_name(cfg))
+                entry = dict(kernel=kname, shape=shape.name, variant=variant, direction=direction,
+                             config=_cfg_name(cfg))
                 t0 = time.time()
                 try:
                     c = _compile(kernel, args, {**consts, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
@@ -208,7 +239,7 @@ def run_report(shape_names) -> dict:
                     entry.update(dot=None, kv_loads=None, regs=None, spills=None, smem=None,
                                  error=f"{type(e).__name__}: {str(e)[-300:]}")
                 entry["compile_s"] = round(time.time() - t0, 1)
-                print(f"{entry['shape']:>12} {kname:>14} {entry['config']:<48} {entry.get('dot')} {entry.get('kv_loads')} "
+                print(f"{entry['shape']:>12} {variant:>7} {kname:>14} {entry['config']:<48} {entry.get('dot')} {entry.get('kv_loads')} "
                       f"regs={entry.get('regs')} spills={entry.get('spills')} smem={entry.get('smem')} "
                       f"{entry.get('error', '')[:200]}", flush=True)
                 entries.append(entry)

@@ -586,7 +586,7 @@ def _bad_cases():
         ("head_dim", A.self_attention, (torch.randn(1, 2, 1, 4097),) * 3, {}, ValueError, "D=4097"),
         ("head_dim_cross", A.cross_attention, (torch.randn(1, 2, 1, 4097), torch.randn(1, 2, 1, 4097),
                                                torch.randn(1, 2, 1, 3)), {}, ValueError, "Dqk=4097"),
-        ("self_shape", A.self_attention, (q, k, v), {}, ValueError, "must all be (B, N, H, D)"),
+        ("self_shape", A.self_attention, (q, k, v), {}, ValueError, "must be (B, N, H, D)"),
         ("not_tensor", A.self_attention, (q, q, 3), {}, TypeError, "v must be a torch.Tensor"),
     ]
     if HAS_CUDA:

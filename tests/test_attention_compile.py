@@ -3,8 +3,9 @@
 The report compiles every config the autotuner would try for the bench shapes with
 triton 3.6.0 and its ptxas (installed aside, not the triton the tests run on) and
 reads dot lowering, K/V load path, registers, spills and shared memory. This test
-runs it on the cross-attention shapes and holds them to the bar of the kernel design:
-wgmma, K/V by TMA or cp.async, no spills, shared memory within sm_90's budget.
+runs it on the cross-attention shapes, with their GQA / causal / softcap variants, and
+holds them to the bar of the kernel design: wgmma, K/V by TMA or cp.async, no spills,
+shared memory within sm_90's budget.
 CI installs the toolchain (.ci/run); elsewhere the test is skipped with the reason.
 """
 from __future__ import annotations
@@ -63,7 +64,22 @@ def test_sm90_report_cross_attention_meets_the_bar(tmp_path):
     assert report["toolchain"]["triton"] == "3.6.0"
     entries = report["entries"]
     for shape in ("pio-learned", "pio-fourier", "pio-conv"):
-        for direction in ("fwd", "bwd"):
-            assert any(e["shape"] == shape and e["direction"] == direction for e in entries), (shape, direction)
-    assert all(set(e) >= {"kernel", "shape", "direction", "config", "dot", "kv_loads", "regs", "spills", "smem"}
-               for e in entries)
+        for variant in ("base", "gqa", "causal", "softcap"):
+            for direction in ("fwd", "bwd"):
+                assert any(e["shape"] == shape and e["variant"] == variant and e["direction"] == direction
+                           for e in entries), (shape, variant, direction)
+    assert all(set(e) >= {"kernel", "shape", "variant", "direction", "config", "dot", "kv_loads", "regs", "spills",
+                          "smem"} for e in entries)
+
+
+def test_report_compiles_feature_variants_on_the_checked_shapes():
+    """GQA, causal and softcap variants on each checked cross-attention shape; feature shapes keep their flags."""
+    mod = _report_module()
+    from perceiver_fast.bench import shapes as S
+
+    learned = [v[0] for v in mod.shape_variants(S.attn_shape("pio-learned"))]
+    assert learned == ["base", "gqa", "causal", "softcap"]
+    gqa = dict((v[0], v[1:]) for v in mod.shape_variants(S.attn_shape("pio-conv")))["gqa"]
+    assert gqa[0] > gqa[1] and gqa[0] % gqa[1] == 0  # more query heads than key/value heads
+    assert mod.shape_variants(S.attn_shape("vit-b16")) == [("base", 12, 12, False, False)]
+    assert mod.shape_variants(S.attn_shape("gqa-decoder")) == [("base", 32, 8, True, False)]

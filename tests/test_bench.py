@@ -138,8 +138,9 @@ def test_full_gpu_plan_without_a_gpu():
     for j in jobs:
         count[j.section] = count.get(j.section, 0) + 1
     n_attn_backends = 6  # eager, 4 SDPA backends, fused (+ fused-triton for self-attention)
-    n_self = sum(s.op == "self" for s in S.ATTN_SHAPES)
-    assert count == {"ceiling": 2, "op": len(S.ATTN_SHAPES) * n_attn_backends + n_self + 3, "layer": 3 * 3,
+    op_shapes = S.ATTN_SHAPES + S.FEATURE_SHAPES
+    n_self = sum(s.op == "self" for s in op_shapes)
+    assert count == {"ceiling": 2, "op": len(op_shapes) * n_attn_backends + n_self + 3, "layer": 3 * 3,
                      "model": 3 * 3 + 4, "sweep": len(S.SWEEP_M) * n_attn_backends,
                      "headdim": len(S.HEADDIM_D) * n_attn_backends, "fit": n_attn_backends}
     order = [j.section for j in jobs]
@@ -237,3 +238,37 @@ def test_compare_cli_exit_status(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert main(args + ["--out", str(tmp_path / "c"), "--compare", str(tmp_path / "old.json")]) == 0
     assert main(args + ["--out", str(tmp_path / "d"), "--compare", str(tmp_path / "nope.json")]) == 2
+
+
+def test_feature_shapes_count_visible_pairs_and_kv_heads():
+    """Causal shapes count the visible (query, key) pairs (bottom-right); GQA shapes read Hkv heads of K/V."""
+    dec = S.attn_shape("gqa-decoder")
+    assert (dec.H, dec.kv_heads, dec.causal) == (32, 8, True) and dec.has_features
+    n = 2048
+    assert dec.flops() == 2 * 4 * 32 * (n * (n + 1) // 2) * (128 + 128)
+    e = 2
+    q = o = 4 * n * 32 * 128
+    kv = 2 * 4 * n * 8 * 128
+    assert dec.bytes("bfloat16") == (q + o + kv) * e
+    par = S.attn_shape("par-causal")
+    assert par.op == "cross" and par.causal and (par.N, par.M) == (1024, 8192)
+    assert par.visible_pairs() == sum(min(8192, i + 8192 - 1024 + 1) for i in range(1024))
+    assert S.AttnShape("x", "cross", 1, 1, 5, 3, 8, 8, causal=True).visible_pairs() == 1 + 2 + 3  # rows 0, 1 empty
+    assert not S.attn_shape("pio-learned").has_features and "Hkv8 causal" in dec.label()
+
+
+@pytest.mark.parametrize("name", [s.name for s in S.FEATURE_SHAPES])
+def test_feature_shape_rows_on_cpu(name):
+    """GQA and causal rows: eager (attention_reference with the same flags) and the fused op agree with
+    float64, forward and gradients; SDPA records FAIL where it cannot express the mask (cross, N != M)."""
+    from perceiver_fast.bench import ops
+
+    shape = S.attn_shape(name).small().replace(B=1, N=16, M=16 if S.attn_shape(name).op == "self" else 40)
+    opts = BenchOptions(device="cpu", quick=True).resolved()
+    for backend in ("eager", "fused"):
+        fwd, bwd = ops.attn_case_rows(shape, backend, opts, "op", True)
+        assert fwd["status"] == "ok" and fwd["relerr"] < 1e-5, fwd
+        assert bwd["status"] == "ok" and bwd["grad_relerr"] < 1e-4, bwd
+        assert fwd["flops"] == shape.flops()
+    sdpa = ops.attn_case_rows(shape, "sdpa-math", opts, "op", False)[0]
+    assert sdpa["status"] == ("ok" if shape.op == "self" else "FAIL"), sdpa

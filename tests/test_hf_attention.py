@@ -133,3 +133,49 @@ def test_register_is_idempotent_and_refuses_reserved_names():
     for bad in ("my/kernel", "sdpa_fast", "flash_attention_2", "flex_attention", ""):
         with pytest.raises(ValueError, match="name must be"):
             register_hf_attention(bad)
+
+
+@pytest.mark.parametrize("model_type,own", [("bert", "sdpa"), ("gemma2", "eager")])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mask_function_returns_the_models_own_mask(model_type, own, causal):
+    """Registering the interface changes nothing outside the attention function: the mask a model (and any code of
+    it that reads the mask) gets is exactly the one of its own path: sdpa's bool mask, or eager's additive mask for
+    a model without sdpa support."""
+    from transformers import AutoConfig, masking_utils
+
+    config = AutoConfig.for_model(model_type)
+    config._attn_implementation = NAME
+    own_config = copy.deepcopy(config)
+    own_config._attn_implementation = own
+    embeds = torch.randn(3, 5, 8)
+    padding = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    make = masking_utils.create_causal_mask if causal else masking_utils.create_bidirectional_mask
+    args = dict(inputs_embeds=embeds, attention_mask=padding, **({"cache": None} if causal else {}))
+    got, want = make(config=config, **args), make(config=own_config, **args)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    from perceiver_fast.integrations.hf_attention import mask_pattern
+
+    pattern = mask_pattern(got)
+    assert pattern is not None and pattern.causal == causal and torch.equal(pattern.key_padding, padding.bool())
+    assert mask_pattern(got.clone()) is None  # a mask not built by the mask function has no pattern
+
+
+def test_static_cache_offsets_fall_back_exactly():
+    """A static cache gives the mask a tensor query offset, which the mask function does not read (a host sync):
+    those calls run sdpa; the prefill with is_causal on a cache longer than the prompt fuses (top-left over the
+    first N keys)."""
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      pad_token_id=0)
+    ref, ours = _pair(transformers.LlamaForCausalLM, config)
+    ids = torch.randint(1, 40, (2, 5))
+    kw = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+              output_logits=True, pad_token_id=0)
+    with torch.no_grad():
+        want = ref.generate(ids, **kw)
+        with count_fused_calls() as calls:
+            got = ours.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for g, w in zip(got.logits, want.logits):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert calls.attention_fwd == LAYERS  # the prefill fused; the 2 cached steps (tensor offset) ran sdpa

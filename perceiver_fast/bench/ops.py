@@ -1,17 +1,23 @@
 """Op benchmarks: the device ceilings, every attention shape (forward, and forward+backward with
 the gradients checked against float64), the Fourier encoder, and three sweeps of cross-attention:
-time and memory against input length M, against head dim D, and the largest M that fits per backend."""
+time and memory against input length M, against head dim D, and the largest M that fits per backend.
+
+Shapes with the kernels' features (grouped-query heads, causal, softcap; ``shapes.FEATURE_SHAPES``)
+get their inputs and backends here (:func:`feature_inputs`, :func:`feature_backend`): K/V with Hkv
+heads, every backend given the same flags, the eager baseline ``attention_reference`` with them too.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from perceiver_fast.ops.reference import attention_reference, fourier_encode_reference
 
 from . import shapes as S
-from .backends import (ATTN_BACKENDS, FOURIER_BACKENDS, attn_backend, attn_grad_leaves, attn_inputs,
-                       attn_reference64, fourier_backend, fourier_inputs)
+from .backends import (ATTN_BACKENDS, FOURIER_BACKENDS, SDPA_BACKENDS, attn_backend, attn_grad_leaves, attn_inputs,
+                       attn_reference64, fourier_backend, fourier_inputs, torch_dtype)
 from .schema import TOLERANCE, Job, Timed, failure_reason, make_row, relerr, time_rows
 from .timing import free_bytes, is_cuda, is_oom, release, sync
 
@@ -19,6 +25,78 @@ from .timing import free_bytes, is_cuda, is_oom, release, sync
 GRAD_CHECKED = ("eager", "compile", "fused", "fused-triton")
 FIT_MAX_M_GPU = 2**23
 FIT_MAX_M_CPU = 2**14
+
+
+def feature_flags(shape: S.AttnShape) -> Dict:
+    """The op keywords of a shape's features (causal, softcap)."""
+    return dict(causal=shape.causal, softcap=shape.softcap)
+
+
+def feature_inputs(shape: S.AttnShape, dtype: str, device, requires_grad: bool = False, seed: int = 0) -> Dict:
+    """Random q (Bq, N, H, Dqk), k/v (B, M, Hkv, D), dO, and SDPA's (B, heads, S, D) copies, for a feature shape.
+
+    The dict also holds the shape's ``flags`` (causal, softcap) for the float64 references."""
+    dt = torch_dtype(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hkv = shape.kv_heads
+    q = torch.randn(shape.Bq, shape.N, shape.H, shape.Dqk, generator=gen, device=device, dtype=dt)
+    k = torch.randn(shape.B, shape.M, hkv, shape.Dqk, generator=gen, device=device, dtype=dt)
+    v = torch.randn(shape.B, shape.M, hkv, shape.Dv, generator=gen, device=device, dtype=dt)
+    d_out = torch.randn(shape.B, shape.N, shape.H, shape.Dv, generator=gen, device=device, dtype=dt)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    sdpa = [t.detach().transpose(1, 2).contiguous().requires_grad_(requires_grad) for t in (q, k, v)]
+    if shape.Bq != shape.B:
+        sdpa[0] = sdpa[0].detach().expand(shape.B, -1, -1, -1).contiguous().requires_grad_(requires_grad)
+    return {"q": q, "k": k, "v": v, "leaves": [q, k, v], "d_out": d_out, "sdpa": tuple(sdpa),
+            "sdpa_leaves": list(sdpa), "flags": feature_flags(shape)}
+
+
+def feature_backend(name: str, shape: S.AttnShape) -> Callable[[Dict], torch.Tensor]:
+    """A callable inp -> output (B, N, H, Dv) for a feature shape, every backend given the shape's flags.
+
+    SDPA takes grouped heads (``enable_gqa``) and causal masking when N == M (its top-left causal mask is
+    our bottom-right one only then); it has no soft-capping. It raises otherwise (recorded as FAIL)."""
+    flags = feature_flags(shape)
+    if name == "eager":
+        return lambda inp: attention_reference(inp["q"], inp["k"], inp["v"], **flags)
+    if name == "compile":
+        torch._dynamo.reset()
+        fn = torch.compile(attention_reference, dynamic=False)
+        return lambda inp: fn(inp["q"], inp["k"], inp["v"], **flags)
+    if name in SDPA_BACKENDS:
+        if shape.softcap > 0.0 or (shape.causal and shape.N != shape.M):
+            raise RuntimeError(f"{name}: no soft-capping and no bottom-right causal mask for N != M "
+                               f"({shape.label()})")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        which = [{"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}[name]]
+
+        def run(inp):
+            q, k, v = inp["sdpa"]
+            with sdpa_kernel(which):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal,
+                                                   enable_gqa=shape.kv_heads != shape.H)
+            return o.transpose(1, 2)
+
+        return run
+    if name in ("fused", "fused-triton"):
+        from perceiver_fast.ops import attention as attn_ops
+
+        backend = "triton" if name == "fused-triton" else "auto"
+        if shape.op == "cross":
+            return lambda inp: attn_ops.cross_attention(inp["q"], inp["k"], inp["v"], backend=backend, **flags)
+        return lambda inp: attn_ops.self_attention(inp["q"], inp["k"], inp["v"], backend=backend, **flags)
+    return attn_backend(name, shape)  # raises the unknown-backend error
+
+
+def reference64(inp: Dict, shape: S.AttnShape) -> torch.Tensor:
+    """float64 eager output for batch element 0, with the shape's flags."""
+    if not shape.has_features:
+        return attn_reference64(inp, shape)
+    q, k, v = (inp[n][:1].detach().double() for n in ("q", "k", "v"))
+    return attention_reference(q, k, v, **inp["flags"])
 
 
 def shape_cols(shape: S.AttnShape) -> Dict:
@@ -49,7 +127,7 @@ def grads_reference64(inp: Dict) -> List[Optional[torch.Tensor]]:
         shape = (1,) + tuple(t.shape[1:])
         views.append(leaf64 if t is leaf else leaf64.as_strided(shape, t.stride(), t.storage_offset()))
         leaves64.append(leaf64)
-    out = attention_reference(*views)
+    out = attention_reference(*views, **inp.get("flags", {}))
     grads = torch.autograd.grad(out, leaves64, inp["d_out"][:1].double())
     shared_q = inp["q"].shape[0] == 1 and inp["k"].shape[0] > 1
     return [None if i == 0 and shared_q else g for i, g in enumerate(grads)]
@@ -65,14 +143,17 @@ def attn_case_rows(shape: S.AttnShape, backend: str, opts, section: str, backwar
                      floor_ms=shape.floor_ms(dt, d != "fwd"), **base) for d in directions]
     tol = TOLERANCE.get(dt, 3e-2)
 
+    featured = shape.has_features
+    make_inputs = feature_inputs if featured else attn_inputs
+
     def build() -> Timed:
-        fn = attn_backend(backend, shape)
+        fn = (feature_backend if featured else attn_backend)(backend, shape)
         state: Dict = {}
 
         def inputs() -> Dict:
             if "inp" not in state:  # built on first use (a skipped case allocates nothing), with grad mode on:
                 with torch.enable_grad():  # SDPA's transposed views must stay connected to the leaves
-                    state["inp"] = attn_inputs(shape, dt, dev, requires_grad=backward)
+                    state["inp"] = make_inputs(shape, dt, dev, requires_grad=backward)
             return state["inp"]
 
         def fb():
@@ -84,7 +165,7 @@ def attn_case_rows(shape: S.AttnShape, backend: str, opts, section: str, backwar
             if direction == "fwd":
                 out = fn(inp)
                 sync(dev)
-                err = relerr(out[:1], attn_reference64(inp, shape))
+                err = relerr(out[:1], reference64(inp, shape))
                 bad = not err <= tol
                 return dict(relerr=err, **(dict(status="WRONG", reason=f"relative error {err:.2e} vs float64 "
                                                                        f"eager") if bad else {}))
@@ -215,7 +296,7 @@ def op_jobs(opts) -> List[Job]:
     jobs: List[Job] = []
     if is_cuda(opts.device) and opts.ops is None:
         jobs += ceiling_jobs(opts)
-    attn = [s for s in S.ATTN_SHAPES if wanted(s.name, opts.ops)]
+    attn = [s for s in S.ATTN_SHAPES + S.FEATURE_SHAPES if wanted(s.name, opts.ops)]
     if opts.quick and opts.ops is None:
         attn = [s for s in attn if s.name in S.QUICK_ATTN]
     for shape in attn:

@@ -4,12 +4,14 @@ Every front end takes its shapes from here: ``perceiver-fast bench``
 (:mod:`perceiver_fast.bench.runner`), the pytest-benchmark files under
 ``benchmarks/`` and the notes in ``docs/perf-notes.md``.
 
-Attention shapes use the package's layout: q (B, N, H, Dqk), k (B, M, H, Dqk),
-v (B, M, H, Dv). Counting conventions (the same as the measured H200 anchors in
+Attention shapes use the package's layout: q (B, N, H, Dqk), k (B, M, Hkv, Dqk),
+v (B, M, Hkv, Dv) (Hkv = H unless a shape has grouped-query heads). Counting conventions (the same as the measured H200 anchors in
 ``shared/baselines/h200-2026-11-20.md``):
 
 * forward FLOPs = 2 * B * H * N * M * (Dqk + Dv) (the two matrix products;
-  softmax and scaling are not counted);
+  softmax and scaling are not counted); for a causal shape N * M becomes the
+  number of visible (query, key) pairs (bottom-right aligned), the work the
+  kernels' block skipping leaves;
 * forward + backward FLOPs = 3.5 x forward (the backward recomputes the scores
   and does four more products of the same size: 2.5 x forward);
 * minimum bytes = each input read once and each output written once
@@ -47,6 +49,9 @@ class AttnShape:
     ``kv_row_stride``: elements between consecutive rows (keys) of K and V when
     they are views into a wider buffer (None = contiguous, stride H*D).
     ``q_batch``: 1 for latents shared over the batch, else B.
+    ``Hkv``: key/value heads (grouped-query heads; None = H). ``causal``: bottom-right
+    causal mask. ``softcap``: logit soft-capping (0 = none). The eager baseline runs
+    :func:`perceiver_fast.ops.reference.attention_reference` with the same flags.
     """
 
     name: str
@@ -60,20 +65,43 @@ class AttnShape:
     kv_row_stride: Optional[int] = None
     q_batch: Optional[int] = None
     note: str = ""
+    Hkv: Optional[int] = None
+    causal: bool = False
+    softcap: float = 0.0
 
     @property
     def Bq(self) -> int:
         return self.B if self.q_batch is None else self.q_batch
 
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.Hkv is None else self.Hkv
+
+    @property
+    def has_features(self) -> bool:
+        """Grouped-query heads, causal masking or soft-capping: what the plain (B, N, H, D) recipes lack."""
+        return self.kv_heads != self.H or self.causal or self.softcap > 0.0
+
+    def visible_pairs(self) -> int:
+        """(query, key) pairs attended per (batch, head): N * M, or under the bottom-right causal mask
+        sum over queries i of min(M, max(0, i + M - N + 1))."""
+        n, m = self.N, self.M
+        if not self.causal:
+            return n * m
+        first = max(0, n - m)  # rows 0 .. first-1 see no key
+        # rows first .. n-1 see i + m - n + 1 keys (from 1 or m - n + 1 up to m)
+        lo, hi = first + m - n + 1, m
+        return (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+
     def flops(self, backward: bool = False) -> int:
-        fwd = 2 * self.B * self.H * self.N * self.M * (self.Dqk + self.Dv)
+        fwd = 2 * self.B * self.H * self.visible_pairs() * (self.Dqk + self.Dv)
         return int(fwd * FWD_BWD_FLOP_FACTOR) if backward else fwd
 
     def bytes(self, dtype: str = "bfloat16", backward: bool = False) -> int:
         e = DTYPE_BYTES[dtype]
         q = self.Bq * self.N * self.H * self.Dqk
-        k = self.B * self.M * self.H * self.Dqk
-        v = self.B * self.M * self.H * self.Dv
+        k = self.B * self.M * self.kv_heads * self.Dqk
+        v = self.B * self.M * self.kv_heads * self.Dv
         o = self.B * self.N * self.H * self.Dv
         n = q + k + v + o
         if backward:
@@ -102,6 +130,12 @@ class AttnShape:
             s += f"/{self.Dv}"
         if self.kv_row_stride is not None:
             s += f" stride{self.kv_row_stride}"
+        if self.kv_heads != self.H:
+            s += f" Hkv{self.kv_heads}"
+        if self.causal:
+            s += " causal"
+        if self.softcap > 0.0:
+            s += f" softcap{self.softcap:g}"
         return s
 
     def replace(self, **kw) -> "AttnShape":
@@ -231,6 +265,17 @@ ATTN_SHAPES: List[AttnShape] = [
 
 QUICK_ATTN = ["pio-learned", "pio-fourier", "pio-latent"]
 
+# Shapes with the kernels' features (grouped-query heads, causal masking), timed in the op section
+# beside ATTN_SHAPES with feature-aware inputs and baselines (perceiver_fast.bench.ops); kept apart
+# from ATTN_SHAPES because the plain recipes (backends.attn_inputs, benchmarks/bench_attention.py)
+# build H key/value heads and no mask.
+FEATURE_SHAPES: List[AttnShape] = [
+    AttnShape("gqa-decoder", "self", 4, 32, 2048, 2048, 128, 128, Hkv=8, causal=True,
+              note="decoder-like causal self-attention, 32 query heads over 8 key/value heads (GQA), head dim 128"),
+    AttnShape("par-causal", "cross", 4, 16, 1024, 8192, 64, 64, causal=True,
+              note="Perceiver AR-like: 1024 latents over 8192 inputs, causal aligned bottom-right"),
+]
+
 FOURIER_SHAPES: List[FourierShape] = [
     FourierShape("pio-224", 32, (224, 224), 64, 3,
                  note="PerceiverIO fourier preprocessing: 224x224, 64 bands, fp32 output (B, 50176, 261)"),
@@ -284,10 +329,11 @@ PIO_D_MODEL = {"learned": 512, "fourier": 261, "conv": 322}
 
 
 def attn_shape(name: str) -> AttnShape:
-    for s in ATTN_SHAPES:
+    for s in ATTN_SHAPES + FEATURE_SHAPES:
         if s.name == name:
             return s
-    raise KeyError(f"unknown attention shape {name!r}; known: {', '.join(s.name for s in ATTN_SHAPES)}")
+    known = ", ".join(s.name for s in ATTN_SHAPES + FEATURE_SHAPES)
+    raise KeyError(f"unknown attention shape {name!r}; known: {known}")
 
 
 def model_case(name: str) -> ModelCase:

@@ -27,6 +27,7 @@ the arguments and the mask in the form that path expects.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import re
 import sys
@@ -75,11 +76,28 @@ def _subclasses(cls) -> list:
     return seen
 
 
-@functools.lru_cache(maxsize=None)
+_CONFIG_PATHS: Dict[type, str] = {}
+
+
 def _path_of_config_class(config_cls: type) -> str:
+    if config_cls in _CONFIG_PATHS:
+        return _CONFIG_PATHS[config_cls]
     _, modeling_utils, _ = _transformers()
-    models = [c for c in _subclasses(modeling_utils.PreTrainedModel) if getattr(c, "config_class", None) is config_cls]
-    return "eager" if models and not all(c._supports_sdpa for c in models) else "sdpa"
+
+    def models():
+        return [c for c in _subclasses(modeling_utils.PreTrainedModel) if getattr(c, "config_class", None) is config_cls]
+
+    found = models()
+    if not found and ".configuration_" in config_cls.__module__:
+        try:  # the model classes of a config live beside it (configuration_x -> modeling_x)
+            importlib.import_module(config_cls.__module__.replace(".configuration_", ".modeling_"))
+        except ImportError:
+            pass
+        found = models()
+    path = "eager" if found and not all(c._supports_sdpa for c in found) else "sdpa"
+    if found:  # a config whose models are not imported yet is asked again later
+        _CONFIG_PATHS[config_cls] = path
+    return path
 
 
 @functools.lru_cache(maxsize=None)

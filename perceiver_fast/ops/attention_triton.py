@@ -26,6 +26,26 @@ Design (perf-notes "H1"):
   (FlashAttention's) from the real tile counts, with a log-sum-exp merge
   kernel (forward) and an fp32 sum (dQ).
 
+Features, each compiled in only where used (the plain kernels are unchanged):
+
+* **Grouped-query / multi-query heads** (k, v with Hkv heads dividing H; a
+  runtime ``group`` = H // Hkv, specialised away when 1): forward and dQ
+  programs of query head h read key/value head h // group; a dK/dV program
+  owns one key/value head and loops over its group's query heads into the
+  same accumulators (constexpr GQA), so K/V are never repeated, no atomics.
+  Dropout offsets use the query head (b * H + h) in every kernel.
+* **Causal, bottom-right aligned** (constexpr CAUSAL; key j visible from query
+  i iff j <= i + M - N): key blocks above the diagonal are skipped, not masked
+  (the forward / dQ key loop ends after the tile's last visible key, a split
+  past it does nothing; the dK/dV query loop starts at the first query block
+  that sees the key block); only blocks crossing the diagonal apply the
+  element mask. Rows with no visible key give zeros and lse = +inf.
+* **Logit soft-capping** (constexpr SOFTCAP, runtime cap): in log2 units
+  S = cap_log2 * tanh(cap_in * q.k), cap_in = scale / softcap,
+  cap_log2 = softcap * log2(e); the backward recomputes tanh from S and
+  multiplies dS by 1 - tanh^2. tanh is :func:`tanh_f32` (exp2-based, finite
+  for every input, no libdevice: identical on triton 3.6-3.9 and the interpreter).
+
 All pointer offsets are int64. A batch-shared query (Bq == 1) has batch stride 0.
 """
 from __future__ import annotations
@@ -217,6 +237,25 @@ def _key_valid(mask_base, offs_m, end, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def tanh_f32(x):
+    """tanh in fp32 from exp2, finite everywhere: 1 - 2 / (2^(2 log2(e) |x|) + 1) with |x| clamped at 15.
+
+    (tanh(15) rounds to 1 in fp32, so the clamp changes nothing and keeps exp2 finite.) Absolute error
+    about 1e-7, which is what the capped scores and the factor 1 - tanh^2 need; no libdevice, so it is
+    the same code under the interpreter and on every triton from 3.6 on.
+    """
+    a = tl.minimum(tl.abs(x), 15.0)
+    t = 1.0 - 2.0 / (tl.math.exp2(a * (2.0 * LOG2E_C)) + 1.0)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def causal_visible(offs_n, offs_m, shift):
+    """(len(offs_n), len(offs_m)) bool: key j visible from query i, i.e. j <= i + shift with shift = M - N."""
+    return offs_m[None, :] <= offs_n[:, None] + shift
+
+
+@triton.jit
 def dropout_keep(seed, bh, offs_n, offs_m, N, M, dropout_p):
     """(len(offs_n), len(offs_m)) keep-mask from Philox on the int64 offset ((b*H + h)*N + n)*M + m.
 
@@ -233,7 +272,7 @@ def dropout_keep(seed, bh, offs_n, offs_m, N, M, dropout_p):
 # ---------------------------------------------------------------------------
 @triton.autotune(configs=fwd_configs(),
                  key=["N_BUCKET", "M_BUCKET", "DQK0", "DQK1", "QK_RESIDENT", "DV0", "DV1", "USE_TMA", "SPLIT",
-                      "HAS_MASK", "DROPOUT"],
+                      "HAS_MASK", "DROPOUT", "CAUSAL", "SOFTCAP"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs})
 @triton.jit
 def attn_fwd_kernel(
@@ -244,10 +283,10 @@ def attn_fwd_kernel(
     stride_maskb,
     stride_os, stride_ob, stride_on, stride_oh,
     stride_ls,
-    H, N, M, Dqk, Dv, keys_per_split, scale_log2, dropout_p,
+    H, N, M, Dqk, Dv, group, keys_per_split, scale_log2, cap_in, cap_log2, dropout_p,
     N_BUCKET, M_BUCKET,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, QK_RESIDENT: tl.constexpr,
+    USE_TMA: tl.constexpr, QK_RESIDENT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     DQK0: tl.constexpr, DQK1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -261,6 +300,12 @@ def attn_fwd_kernel(
     # writes the normalised output and lse (+inf for a row with no key); with
     # SPLIT an fp32 partial normalised by its own denominator and its raw lse
     # (-inf when empty), for _attn_merge_kernel.
+    # Grouped heads: query head h reads key/value head h // group (no copies).
+    # SOFTCAP: S_log2 = cap_log2 * tanh(cap_in * QK^T) (cap_in = scale / softcap,
+    # cap_log2 = softcap * log2 e). CAUSAL (bottom-right, key j <= query i + M - N):
+    # the key loop stops after the tile's last visible key, so blocks above the
+    # diagonal are never loaded (a split past it only writes an empty partial);
+    # only blocks crossing the diagonal apply the element mask.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_z = tl.program_id(2)
@@ -269,14 +314,18 @@ def attn_fwd_kernel(
     dv_start = (pid_z % n_dv_tiles) * (DV0 + DV1)
     b = pid_bh // H
     h = pid_bh % H
+    hk = h // group
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
+    if CAUSAL:  # the last key the tile's last row sees, and the first key its first row does not
+        end = tl.minimum(end, tl.minimum(pid_n * BLOCK_N + BLOCK_N, N) + (M - N))
+        diag_lo = pid_n * BLOCK_N + (M - N) + 1
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     mask_base = Mask + b * stride_maskb
 
     q_rows = offs_n.to(tl.int64)[:, None] * stride_qn
@@ -311,7 +360,14 @@ def attn_fwd_kernel(
             s = _dot_rows(q_base, q_desc, pid_n * BLOCK_N, N, stride_qn, k_base, k0_desc, m0, M, stride_km, Dqk,
                           BLOCK_N, BLOCK_M, DQK0, USE_TMA, PRECISION)
         ok = _key_valid(mask_base, offs_m, end, HAS_MASK)
-        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))
+        if SOFTCAP:
+            s = tanh_f32(s * cap_in) * cap_log2
+        else:
+            s = s * scale_log2
+        s = tl.where(ok[None, :], s, float("-inf"))
+        if CAUSAL:
+            if m0 + BLOCK_M > diag_lo:  # a block crossing the diagonal
+                s = tl.where(causal_visible(offs_n, offs_m, M - N), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
@@ -426,70 +482,52 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb, stride_kh,
+def _head_bases(Q, K, V, DO, pid_bh, H, group, stride_qb, stride_qh, stride_kb, stride_kh,
                 stride_vb, stride_vh, stride_dob, stride_doh):
-    """(b, h) of program axis ``pid_bh`` (int64) and the base pointers of that head in Q, K, V and dO."""
+    """(b, h) of program axis ``pid_bh`` = b * H + h (int64) and the base pointers of query head h in Q and
+    dO and of its key/value head h // group in K and V."""
     b = pid_bh // H
     h = pid_bh % H
-    return (b, h, Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh,
-            V + b * stride_vb + h * stride_vh, DO + b * stride_dob + h * stride_doh)
+    hk = h // group
+    return (b, h, Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+            V + b * stride_vb + hk * stride_vh, DO + b * stride_dob + h * stride_doh)
 
 
-@triton.autotune(configs=bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
-                 prune_configs_by={"early_config_prune": prune_bwd_configs})
 @triton.jit
-def attn_bwd_dkdv_kernel(
-    Q, K, V, Mask, DO, Lse, Delta, DK, DV, seed,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_km, stride_kh,
-    stride_vb, stride_vm, stride_vh,
-    stride_maskb,
-    stride_dob, stride_don, stride_doh,
-    stride_dkb, stride_dkm, stride_dkh,
-    stride_dvb, stride_dvm, stride_dvh,
-    H, N, M, Dqk, Dv, scale, scale_log2, dropout_p,
-    N_BUCKET, M_BUCKET, DQK_BUCKET, DV_BUCKET,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
-):
-    # FlashAttention-2 backward for dK and dV, keys as the rows of every dot.
-    # Grid: (cdiv(M, BLOCK_M), B * H, max(cdiv(Dqk, BLOCK_DT), cdiv(Dv, BLOCK_DT))).
-    # One program owns BLOCK_M keys of one (batch, head) and column tile t
-    # (BLOCK_DT wide) of dK and of dV (a tile past a dim's end is skipped). It
-    # streams query blocks of BLOCK_N, recomputing S^T = K Q^T and
-    # dP^T = V dO^T (head dims in BLOCK_D chunks), and accumulates in fp32
-    #   dV[:, t] += (P * Z)^T dO[:, t],  dK[:, t] += scale * dS^T Q[:, t],
-    # with dS = P * (dP * Z - delta) and Z the dropout mask scaled by 1/(1-p).
-    pid_bh = tl.program_id(1).to(tl.int64)
-    t = tl.program_id(2)
-    b, h, q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb,
-                                                        stride_kh, stride_vb, stride_vh, stride_dob, stride_doh)
-    m_start = tl.program_id(0) * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    col0 = t * BLOCK_DT
-    key_ok = _key_valid(Mask + b * stride_maskb, offs_m, M, HAS_MASK)
-    do_k = col0 < Dqk
-    do_v = col0 < Dv
+def _dkdv_head(dk, dv, q_base, do_base, k_base, v_base, k_desc, v_desc, lse_row, delta_row, seed, bh,
+               offs_m, m_start, key_ok, col0, do_k, do_v, n_begin,
+               N, M, Dqk, Dv, stride_qn, stride_don, stride_km, stride_vm,
+               scale_log2, cap_in, cap_log2, dropout_p,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, CAUSAL: tl.constexpr,
+               SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DT: tl.constexpr):
+    """dK/dV accumulators after the query blocks [n_begin, N) of one query head (``bh`` = b * H + h).
 
+    ``lse_row`` / ``delta_row`` point at that head's (N,) rows; Q and dO are read through
+    descriptors made here (one head at a time), K and V through the caller's.
+    """
     q_desc = _matrix(q_base, N, Dqk, stride_qn, BLOCK_N, BLOCK_D, USE_TMA)
-    k_desc = _matrix(k_base, M, Dqk, stride_km, BLOCK_M, BLOCK_D, USE_TMA)
-    v_desc = _matrix(v_base, M, Dv, stride_vm, BLOCK_M, BLOCK_D, USE_TMA)
     do_desc = _matrix(do_base, N, Dv, stride_don, BLOCK_N, BLOCK_D, USE_TMA)
     qt_desc = _matrix(q_base, N, Dqk, stride_qn, BLOCK_N, BLOCK_DT, USE_TMA)
     dot_desc = _matrix(do_base, N, Dv, stride_don, BLOCK_N, BLOCK_DT, USE_TMA)
-
-    dk = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_begin, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        lse = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf"))
+        lse = tl.load(lse_row + offs_n, mask=n_ok, other=float("inf"))
         st = _dot_rows(k_base, k_desc, m_start, M, stride_km, q_base, q_desc, n0, N, stride_qn, Dqk,
                        BLOCK_M, BLOCK_N, BLOCK_D, USE_TMA, PRECISION)
-        pt = tl.math.exp2(st * scale_log2 - (lse * LOG2E_C)[None, :])
+        if SOFTCAP:
+            tt = tanh_f32(st * cap_in)
+            st = tt * cap_log2
+        else:
+            st = st * scale_log2
+        pt = tl.math.exp2(st - (lse * LOG2E_C)[None, :])
         pt = tl.where(key_ok[:, None], pt, 0.0)
+        if CAUSAL:
+            if n0 + (M - N) < m_start + BLOCK_M - 1:  # a block crossing the diagonal
+                pt = tl.where(tl.trans(causal_visible(offs_n, offs_m, M - N)), pt, 0.0)
         if DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p))
+            keep_t = tl.trans(dropout_keep(seed, bh, offs_n, offs_m, N, M, dropout_p))
             zt = tl.where(keep_t, 1.0 / (1.0 - dropout_p), 0.0)
         if do_v:
             do_t = _tile(do_base, dot_desc, n0, col0, N, Dv, stride_don, BLOCK_N, BLOCK_DT, USE_TMA)
@@ -502,20 +540,98 @@ def attn_bwd_dkdv_kernel(
                             BLOCK_M, BLOCK_N, BLOCK_D, USE_TMA, PRECISION)
             if DROPOUT:
                 dpt = dpt * zt
-            delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+            delta = tl.load(delta_row + offs_n, mask=n_ok, other=0.0)
             dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:  # through the cap: d tanh = 1 - tanh^2
+                dst = dst * (1.0 - tt * tt)
             q_t = _tile(q_base, qt_desc, n0, col0, N, Dqk, stride_qn, BLOCK_N, BLOCK_DT, USE_TMA)
             dk = tl.dot(dst.to(q_t.dtype), q_t, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=bwd_configs(),
+                 key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA", "CAUSAL", "SOFTCAP", "GQA"],
+                 prune_configs_by={"early_config_prune": prune_bwd_configs})
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV, seed,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_km, stride_kh,
+    stride_vb, stride_vm, stride_vh,
+    stride_maskb,
+    stride_dob, stride_don, stride_doh,
+    stride_dkb, stride_dkm, stride_dkh,
+    stride_dvb, stride_dvm, stride_dvh,
+    H, N, M, Dqk, Dv, group, scale, scale_log2, cap_in, cap_log2, dropout_p,
+    N_BUCKET, M_BUCKET, DQK_BUCKET, DV_BUCKET,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, GQA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    # FlashAttention-2 backward for dK and dV, keys as the rows of every dot.
+    # Grid: (cdiv(M, BLOCK_M), B * Hkv, max(cdiv(Dqk, BLOCK_DT), cdiv(Dv, BLOCK_DT))).
+    # One program owns BLOCK_M keys of one (batch, key/value head) and column
+    # tile t (BLOCK_DT wide) of dK and of dV (a tile past a dim's end is
+    # skipped). For each query head of the head's group (GQA: the `group`
+    # heads hk * group + g, in this program, into the same registers: no
+    # atomics, no repeated K/V) it streams query blocks of BLOCK_N,
+    # recomputing S^T = K Q^T and dP^T = V dO^T (head dims in BLOCK_D chunks),
+    # and accumulates in fp32
+    #   dV[:, t] += (P * Z)^T dO[:, t],  dK[:, t] += scale * dS^T Q[:, t],
+    # with dS = P * (dP * Z - delta) (times 1 - tanh^2 under SOFTCAP) and Z the
+    # dropout mask scaled by 1/(1-p). CAUSAL: the query loop starts at the
+    # first block that sees the key block (n >= m - (M - N)); only blocks
+    # crossing the diagonal apply the element mask.
+    pid_kv = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(2)
+    Hkv = H // group
+    b = pid_kv // Hkv
+    hk = pid_kv % Hkv
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_start = tl.program_id(0) * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    col0 = t * BLOCK_DT
+    key_ok = _key_valid(Mask + b * stride_maskb, offs_m, M, HAS_MASK)
+    do_k = col0 < Dqk
+    do_v = col0 < Dv
+    n_begin = 0
+    if CAUSAL:
+        n_begin = (tl.maximum(m_start - (M - N), 0) // BLOCK_N) * BLOCK_N
+
+    k_desc = _matrix(k_base, M, Dqk, stride_km, BLOCK_M, BLOCK_D, USE_TMA)
+    v_desc = _matrix(v_base, M, Dv, stride_vm, BLOCK_M, BLOCK_D, USE_TMA)
+    dk = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
+    if GQA:
+        for g in range(0, group):
+            h = hk * group + g
+            bh = b * H + h
+            dk, dv = _dkdv_head(dk, dv, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                k_base, v_base, k_desc, v_desc, Lse + bh * N, Delta + bh * N, seed, bh,
+                                offs_m, m_start, key_ok, col0, do_k, do_v, n_begin,
+                                N, M, Dqk, Dv, stride_qn, stride_don, stride_km, stride_vm,
+                                scale_log2, cap_in, cap_log2, dropout_p,
+                                DROPOUT, PRECISION, USE_TMA, CAUSAL, SOFTCAP, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DT)
+    else:
+        bh = b * H + hk
+        dk, dv = _dkdv_head(dk, dv, Q + b * stride_qb + hk * stride_qh, DO + b * stride_dob + hk * stride_doh,
+                            k_base, v_base, k_desc, v_desc, Lse + bh * N, Delta + bh * N, seed, bh,
+                            offs_m, m_start, key_ok, col0, do_k, do_v, n_begin,
+                            N, M, Dqk, Dv, stride_qn, stride_don, stride_km, stride_vm,
+                            scale_log2, cap_in, cap_log2, dropout_p,
+                            DROPOUT, PRECISION, USE_TMA, CAUSAL, SOFTCAP, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DT)
     m_rows = offs_m.to(tl.int64)[:, None]
     m_ok = offs_m[:, None] < M
     cols = col0 + tl.arange(0, BLOCK_DT)
-    tl.store(DK + b * stride_dkb + h * stride_dkh + m_rows * stride_dkm + cols[None, :],
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + m_rows * stride_dkm + cols[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=m_ok & (cols[None, :] < Dqk))
-    tl.store(DV + b * stride_dvb + h * stride_dvh + m_rows * stride_dvm + cols[None, :],
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + m_rows * stride_dvm + cols[None, :],
              dv.to(DV.dtype.element_ty), mask=m_ok & (cols[None, :] < Dv))
 
 
-@triton.autotune(configs=bwd_configs(), key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA"],
+@triton.autotune(configs=bwd_configs(),
+                 key=["N_BUCKET", "M_BUCKET", "DQK_BUCKET", "DV_BUCKET", "USE_TMA", "CAUSAL", "SOFTCAP"],
                  prune_configs_by={"early_config_prune": prune_bwd_configs})
 @triton.jit
 def attn_bwd_dq_kernel(
@@ -526,24 +642,29 @@ def attn_bwd_dq_kernel(
     stride_maskb,
     stride_dob, stride_don, stride_doh,
     stride_dqs, stride_dqb, stride_dqn, stride_dqh,
-    H, N, M, Dqk, Dv, keys_per_split, scale, scale_log2, dropout_p,
+    H, N, M, Dqk, Dv, group, keys_per_split, scale, scale_log2, cap_in, cap_log2, dropout_p,
     N_BUCKET, M_BUCKET, DQK_BUCKET, DV_BUCKET,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     # FlashAttention-2 backward for dQ, split over keys.
     # Grid: (cdiv(N, BLOCK_N), B * H, num_splits * cdiv(Dqk, BLOCK_DT)).
     # One program owns BLOCK_N queries of one (batch, head), column tile t
     # (BLOCK_DT wide) of dQ and the keys of one split; it streams key blocks
-    # recomputing S and dP as the dK/dV kernel does (queries as rows here) and
-    # writes scale * sum dS K[:, t] in fp32 to its split's slice of DQ, which
-    # the launcher sums over splits (and over the batch for a shared q).
+    # of the head's key/value head (h // group) recomputing S and dP as the
+    # dK/dV kernel does (queries as rows here) and writes scale * sum dS K[:, t]
+    # in fp32 to its split's slice of DQ, which the launcher sums over splits
+    # (and over the batch for a shared q). SOFTCAP and CAUSAL as in the
+    # forward: the key loop ends at the tile's last visible key (a split past
+    # it writes zeros), only diagonal blocks apply the element mask.
     pid_bh = tl.program_id(1).to(tl.int64)
     n_dt = tl.cdiv(Dqk, BLOCK_DT)
     split = tl.program_id(2) // n_dt
     col0 = (tl.program_id(2) % n_dt) * BLOCK_DT
-    b, h, q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, pid_bh, H, stride_qb, stride_qh, stride_kb,
-                                                        stride_kh, stride_vb, stride_vh, stride_dob, stride_doh)
+    b, h, q_base, k_base, v_base, do_base = _head_bases(Q, K, V, DO, pid_bh, H, group, stride_qb, stride_qh,
+                                                        stride_kb, stride_kh, stride_vb, stride_vh, stride_dob,
+                                                        stride_doh)
     n_start = tl.program_id(0) * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -552,6 +673,9 @@ def attn_bwd_dq_kernel(
     delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, M)
+    if CAUSAL:
+        end = tl.minimum(end, tl.minimum(n_start + BLOCK_N, N) + (M - N))
+        diag_lo = n_start + (M - N) + 1
 
     q_desc = _matrix(q_base, N, Dqk, stride_qn, BLOCK_N, BLOCK_D, USE_TMA)
     k_desc = _matrix(k_base, M, Dqk, stride_km, BLOCK_M, BLOCK_D, USE_TMA)
@@ -565,14 +689,24 @@ def attn_bwd_dq_kernel(
         key_ok = _key_valid(mask_base, offs_m, end, HAS_MASK)
         s = _dot_rows(q_base, q_desc, n_start, N, stride_qn, k_base, k_desc, m0, M, stride_km, Dqk,
                       BLOCK_N, BLOCK_M, BLOCK_D, USE_TMA, PRECISION)
-        p = tl.math.exp2(s * scale_log2 - lse_log2[:, None])
+        if SOFTCAP:
+            tc = tanh_f32(s * cap_in)
+            s = tc * cap_log2
+        else:
+            s = s * scale_log2
+        p = tl.math.exp2(s - lse_log2[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
+        if CAUSAL:
+            if m0 + BLOCK_M > diag_lo:  # a block crossing the diagonal
+                p = tl.where(causal_visible(offs_n, offs_m, M - N), p, 0.0)
         dp = _dot_rows(do_base, do_desc, n_start, N, stride_don, v_base, v_desc, m0, M, stride_vm, Dv,
                        BLOCK_N, BLOCK_M, BLOCK_D, USE_TMA, PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tc * tc)
         k_t = _tile(k_base, kt_desc, m0, col0, M, Dqk, stride_km, BLOCK_M, BLOCK_DT, USE_TMA)
         dq = tl.dot(ds.to(k_t.dtype), k_t, dq, input_precision=PRECISION)
     cols = col0 + tl.arange(0, BLOCK_DT)
@@ -711,6 +845,13 @@ def check_grid(B: int, H: int) -> None:
         raise ValueError(f"attention kernels support batch * heads <= 65535, got B={B}, H={H}")
 
 
+def softcap_args(scale: float, softcap: float) -> Tuple[float, float]:
+    """(cap_in, cap_log2) of the kernels: capped log2 score = cap_log2 * tanh(cap_in * q.k); (0, 0) without a cap."""
+    if softcap > 0.0:
+        return scale / softcap, softcap * LOG2E
+    return 0.0, 0.0
+
+
 def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor):
     if mask is None:
         return q, 0, False  # dummy pointer, never read
@@ -740,11 +881,14 @@ def forward_plan(N: int, M: int, Dqk: int, Dv: int, dtype: torch.dtype, B: int, 
 def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, num_splits: int,
                          *, causal: bool = False, softcap: float = 0.0,
                          repack: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward on the Triton kernels: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N))."""
-    if causal or softcap > 0.0 or k.shape[2] != q.shape[2]:
-        raise NotImplementedError("causal / softcap / grouped-query heads: Triton kernels not written yet")
+    """Forward on the Triton kernels: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N)).
+
+    k, v may have Hkv heads dividing H (grouped-query heads); ``causal`` is bottom-right aligned;
+    ``softcap`` > 0 caps the scaled scores (see :func:`perceiver_fast.ops.attention.cross_attention`).
+    """
     Bq, N, H, Dqk = q.shape
-    B, M, _, Dv = v.shape
+    B, M, Hkv, Dv = v.shape
+    group = H // max(Hkv, 1)
     out = empty((B, N, H, Dv), device=q.device, dtype=q.dtype)
     lse = empty((B, H, N), device=q.device, dtype=torch.float32)
     if N == 0 or B * H == 0:
@@ -782,10 +926,10 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
         stride_maskb,
         so[0], so[1], so[2], so[3],
         sl,
-        H, N, M, Dqk, Dv, plan["keys_per_split"], scale * LOG2E, dropout_p,
+        H, N, M, Dqk, Dv, group, plan["keys_per_split"], scale * LOG2E, *softcap_args(scale, softcap), dropout_p,
         bucket(N), bucket(M),
         HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, SPLIT=split, PRECISION=_precision(q.dtype),
-        USE_TMA=use_tma, QK_RESIDENT=qk.resident,
+        USE_TMA=use_tma, QK_RESIDENT=qk.resident, CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
         DQK0=qk.main, DQK1=qk.tail, DV0=vp.main, DV1=vp.tail, BLOCK_N=block_n,
     )
     if split:
@@ -807,11 +951,13 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
 def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, scale: float,
                          *, causal: bool = False, softcap: float = 0.0, repack: Optional[bool] = None,
                          num_splits: int = 0):
-    """Backward on the Triton kernels: (dq, dk, dv) with the shapes and dtypes of q, k, v."""
-    if causal or softcap > 0.0 or k.shape[2] != q.shape[2]:
-        raise NotImplementedError("causal / softcap / grouped-query heads: Triton kernels not written yet")
+    """Backward on the Triton kernels: (dq, dk, dv) with the shapes and dtypes of q, k, v.
+
+    Grouped-query heads: one dK/dV program per key/value head sums its group's query heads.
+    """
     Bq, N, H, Dqk = q.shape
-    B, M, _, Dv = v.shape
+    B, M, Hkv, Dv = v.shape
+    group = H // max(Hkv, 1)
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     if N == 0 or M == 0 or B * H == 0:
@@ -831,7 +977,9 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     if use_tma:
         _ensure_tma_allocator()
     mask_t, stride_maskb, has_mask = _mask_args(mask, q)
-    consts = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), USE_TMA=use_tma)
+    consts = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype), USE_TMA=use_tma,
+                  CAUSAL=bool(causal), SOFTCAP=softcap > 0.0)
+    cap = softcap_args(scale, softcap)
     keys = (bucket(N), bucket(M), bucket(Dqk), bucket(Dv))
     seed_v = seed_to_int(seed)
     common = (
@@ -841,15 +989,15 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         stride_maskb,
         do.stride(0), do.stride(1), do.stride(2),
     )
-    grid_kv = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H,
+    grid_kv = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * Hkv,
                             max(triton.cdiv(Dqk, meta["BLOCK_DT"]), triton.cdiv(Dv, meta["BLOCK_DT"])))
     attn_bwd_dkdv_kernel[grid_kv](
         q, k, v, mask_t, do, lse, delta, dk, dv, seed_v,
         *common,
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H, N, M, Dqk, Dv, scale, scale * LOG2E, dropout_p,
-        *keys, **consts,
+        H, N, M, Dqk, Dv, group, scale, scale * LOG2E, *cap, dropout_p,
+        *keys, **consts, GQA=group > 1,
     )
     if num_splits <= 0:
         tiles = triton.cdiv(N, block_n) * B * H * triton.cdiv(Dqk, 128)
@@ -867,7 +1015,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         q, k, v, mask_t, do, lse, delta, dq_buf, seed_v,
         *common,
         sdq[0], sdq[1], sdq[2], sdq[3],
-        H, N, M, Dqk, Dv, keys_per_split, scale, scale * LOG2E, dropout_p,
+        H, N, M, Dqk, Dv, group, keys_per_split, scale, scale * LOG2E, *cap, dropout_p,
         *keys, **consts,
     )
     if dq_buf.dim() == 5:

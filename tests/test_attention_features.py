@@ -1,0 +1,335 @@
+"""Grouped-query heads, bottom-right causal masking and logit soft-capping of the attention ops.
+
+Same style as test_attention.py: every case runs both backends ("triton" under the
+Triton interpreter on a CPU-only machine, and "torch"), against attention_reference
+in float64, forward and every gradient (dq, dk, dv), with the ops' buffers NaN-poisoned
+so that an element a kernel fails to write shows up. Shapes are tiny (the interpreter's
+blocks are 16 wide), fp32 (the interpreter's bf16 tl.dot is wrong, triton-lang/triton#11584).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from helpers import HAS_CUDA
+from perceiver_fast.ops import attention as A
+from perceiver_fast.ops import attention_cpu as AC
+from perceiver_fast.ops import attention_triton as AT
+from perceiver_fast.ops.backend import poison_outputs
+from perceiver_fast.ops.reference import attention_keep_mask, attention_reference
+
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poison_outputs():
+        yield
+
+
+def _dev() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def _inputs(Bq, B, N, M, H, Hkv, Dqk, Dv, dtype=torch.float32):
+    q = torch.randn(Bq, N, H, Dqk, device=_dev(), dtype=dtype)
+    k = torch.randn(B, M, Hkv, Dqk, device=_dev(), dtype=dtype)
+    v = torch.randn(B, M, Hkv, Dv, device=_dev(), dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def _mask(B, M):
+    """Random key padding with key 0 kept, batch element 0 fully padded."""
+    mask = torch.rand(B, M, device=_dev()) > 0.3
+    mask[:, 0] = True
+    mask[0] = False
+    return mask
+
+
+def _run(fn, tensors, grad, **kw):
+    """(out, dq, dk, dv, lse or None) of fn(*tensors, **kw) for the upstream ``grad``."""
+    for t in tensors:
+        t.grad = None
+    res = fn(*tensors, **kw)
+    out, lse = res if isinstance(res, tuple) else (res, None)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in tensors] + [lse]
+
+
+def _reference(tensors, grad, dtype=torch.float64, **kw):
+    copies = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    return _run(attention_reference, copies, grad.to(dtype), **kw)[:4]
+
+
+def _reference_lse(q, k, mask, causal, softcap, scale):
+    """float64 logsumexp of the scaled, capped, masked scores, (B, H, N); +inf for a row with no key."""
+    B, H = k.shape[0], q.shape[2]
+    kk = k.detach().double().repeat_interleave(H // k.shape[2], dim=2)
+    s = torch.einsum("bnhd,bmhd->bhnm", q.detach().double().expand(B, -1, -1, -1), kk) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    keep = attention_keep_mask(mask, causal, q.shape[1], k.shape[1], q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = s.logsumexp(-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def _assert_all_close(ours, ref, atol=2e-5, rtol=1e-5, names=("out", "dq", "dk", "dv")):
+    for name, a, b in zip(names, ours, ref):
+        assert not torch.isnan(a).any(), f"{name} has NaN (unwritten or invalid element)"
+        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# (Bq, B, N, M, H, Hkv, Dqk, Dv, causal, softcap, masked, softmax_scale)
+CASES = {
+    "N1-gqa2": (2, 2, 1, 23, 4, 2, 16, 16, False, 0.0, False, None),
+    "N1-causal-mqa": (2, 2, 1, 23, 2, 1, 8, 8, True, 0.0, False, None),
+    "mqa8-causal-N>M": (2, 2, 23, 17, 8, 1, 8, 12, True, 0.0, False, None),
+    "gqa2-causal-N<M-mask": (2, 2, 17, 37, 4, 2, 8, 8, True, 0.0, True, None),
+    "causal-N==M-D72": (2, 2, 20, 20, 2, 2, 72, 72, True, 0.0, False, None),
+    "softcap": (2, 2, 17, 23, 2, 2, 16, 16, False, 1.5, False, None),
+    "softcap-saturated": (2, 2, 9, 21, 2, 1, 16, 16, False, 2.0, False, 3.0),
+    "softcap-causal-gqa2-mask-shared_q": (1, 2, 19, 33, 4, 2, 24, 40, True, 2.0, True, None),
+    "D1-causal-softcap-N>M": (2, 2, 30, 18, 2, 1, 1, 1, True, 0.5, False, None),
+    "D261-mqa-causal": (1, 2, 5, 7, 2, 1, 261, 261, True, 0.0, False, None),
+    "D512-causal-softcap": (1, 1, 3, 5, 2, 1, 512, 512, True, 1.0, False, None),
+    "Dqk!=Dv-gqa2-causal-mask": (2, 2, 9, 18, 4, 2, 40, 130, True, 0.0, True, None),
+    "shared_q-mqa8-mask": (1, 3, 20, 37, 8, 1, 16, 5, False, 0.0, True, None),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_cross_features_match_float64(backend, name):
+    """Output, lse and every gradient against float64, for GQA / causal / softcap and their combinations."""
+    Bq, B, N, M, H, Hkv, Dqk, Dv, causal, softcap, masked, scale = CASES[name]
+    q, k, v = _inputs(Bq, B, N, M, H, Hkv, Dqk, Dv)
+    mask = _mask(B, M) if masked else None
+    grad = torch.randn(B, N, H, Dv, device=q.device)
+    kw = dict(key_padding_mask=mask, causal=causal, softcap=softcap, softmax_scale=scale)
+    ours = _run(A.cross_attention, [q, k, v], grad, backend=backend, return_lse=True, **kw)
+    ref = _reference([q, k, v], grad, **kw)
+    _assert_all_close(ours, ref)
+    lse = ours[4]
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, N)
+    ref_lse = _reference_lse(q, k, mask, causal, softcap, Dqk ** -0.5 if scale is None else scale)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    empty = torch.isinf(ref_lse)  # rows with no visible key: zeros out, zero dq, lse +inf
+    if causal and N > M:
+        assert empty[:, :, : N - M].all()
+    if empty.any():
+        assert (ours[0].transpose(1, 2)[empty] == 0).all()
+        if Bq == B:
+            assert (ours[1].transpose(1, 2)[empty] == 0).all()
+    if masked:  # batch 0 fully padded: zero dK, dV
+        assert (ours[2][0] == 0).all() and (ours[3][0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,softcap,Hkv", [(True, 0.0, 1), (True, 1.5, 2), (False, 1.0, 4)])
+def test_self_attention_features_match_float64(backend, causal, softcap, Hkv):
+    B, N, H, D = 2, 21, 4, 12
+    q = torch.randn(B, N, H, D, device=_dev(), requires_grad=True)
+    k = torch.randn(B, N, Hkv, D, device=_dev(), requires_grad=True)
+    v = torch.randn(B, N, Hkv, D, device=_dev(), requires_grad=True)
+    grad = torch.randn(B, N, H, D, device=_dev())
+    ours = _run(A.self_attention, [q, k, v], grad, backend=backend, causal=causal, softcap=softcap,
+                return_lse=True)
+    ref = _reference([q, k, v], grad, causal=causal, softcap=softcap)
+    _assert_all_close(ours, ref)
+    torch.testing.assert_close(ours[4].double(), _reference_lse(q, k, None, causal, softcap, D ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_features_within_eager_error(backend):
+    """fp16 (CPU-safe under the interpreter) GQA + causal + softcap: error at most 2x eager fp16's, plus a floor."""
+    q, k, v = _inputs(1, 2, 19, 33, 4, 2, 24, 40, dtype=torch.float16)
+    mask = _mask(2, 33)
+    mask[0, :5] = True
+    grad = torch.randn(2, 19, 4, 40, device=q.device, dtype=torch.float16)
+    kw = dict(key_padding_mask=mask, causal=True, softcap=2.0)
+    ours = _run(A.cross_attention, [q, k, v], grad, backend=backend, **kw)[:4]
+    assert all(t.dtype == torch.float16 for t in ours)
+    eager = _run(attention_reference, [q, k, v], grad, **kw)[:4]
+    ref = _reference([q, k, v], grad, **kw)
+    for name, a, e, r in zip(("out", "dq", "dk", "dv"), ours, eager, ref):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        err, eager_err = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * eager_err + 2e-3, f"{name}: error {err:.3e} > 2 x eager {eager_err:.3e} + 2e-3"
+
+
+def test_split_kv_with_causal_skips_splits_above_the_diagonal(monkeypatch):
+    """Split-KV (2 and 3 splits of 16 keys) under causal masking and GQA equals the unsplit answer and float64.
+
+    With N == M == 40 and 3 splits, the first query tile (rows 0-15) sees only split 0: splits 1 and 2 lie
+    wholly above its diagonal and contribute empty partials (lse -inf) to the merge and zeros to dQ.
+    """
+    monkeypatch.setattr(AT, "SPLIT_GRANULE", 16)
+    assert AT.split_keys(40, 3) == (16, 3)
+    B, N, M, H, Hkv, D = 2, 40, 40, 4, 2, 8
+    q, k, v = _inputs(B, B, N, M, H, Hkv, D, D)
+    mask = torch.rand(B, M, device=q.device) > 0.2
+    mask[:, 0] = True
+    grad = torch.randn(B, N, H, D, device=q.device)
+    results = {}
+    for splits in (1, 2, 3):
+        results[splits] = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask, causal=True, softcap=3.0,
+                               num_splits=splits, backend="triton", return_lse=True)
+    for splits in (2, 3):
+        _assert_all_close(results[splits], results[1], atol=1e-6, rtol=1e-6, names=("out", "dq", "dk", "dv", "lse"))
+    _assert_all_close(results[3], _reference([q, k, v], grad, key_padding_mask=mask, causal=True, softcap=3.0))
+    # N > M: the first tile's rows 0-9 see no key at all, the other rows only split 0 or 1
+    q2, k2, v2 = _inputs(1, B, 50, 40, H, Hkv, D, D)
+    grad2 = torch.randn(B, 50, H, D, device=q.device)
+    ours = _run(A.cross_attention, [q2, k2, v2], grad2, causal=True, num_splits=3, backend="triton")
+    _assert_all_close(ours, _reference([q2, k2, v2], grad2, causal=True))
+
+
+def test_kernel_column_tiles_with_gqa_causal_softcap(monkeypatch):
+    """Both backward kernels with column tiles narrower than the head dims (a dK tile past Dqk skipped)."""
+    cfg = triton.Config(dict(BLOCK_N=16, BLOCK_M=16, BLOCK_D=32, BLOCK_DT=32), num_warps=4)
+    for kernel in (AT.attn_bwd_dkdv_kernel, AT.attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [cfg])
+        monkeypatch.setattr(kernel, "cache", {})
+    q, k, v = _inputs(1, 2, 21, 35, 6, 2, 40, 70)
+    mask = _mask(2, 35)
+    grad = torch.randn(2, 21, 6, 70, device=q.device)
+    kw = dict(key_padding_mask=mask, causal=True, softcap=1.0)
+    ours = _run(A.cross_attention, [q, k, v], grad, backend="triton", num_splits=2, **kw)
+    _assert_all_close(ours, _reference([q, k, v], grad, **kw))
+
+
+# ---------------------------------------------------------------------------
+# Dropout with grouped heads: the forward's mask is the backward's
+# ---------------------------------------------------------------------------
+@triton.jit
+def _keep_mask_kernel(Out, seed, H, N, M, dropout_p, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The (B, H, N, M) keep-mask the attention kernels draw (query-head offsets).
+    # Grid: (cdiv(N, BLOCK_N), B * H, cdiv(M, BLOCK_M)).
+    pid_bh = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keep = AT.dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p)
+    ptrs = Out + (pid_bh * N + offs_n.to(tl.int64)[:, None]) * M + offs_m[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
+def _keep_mask(backend, seed, B, H, N, M, p, device):
+    if backend == "triton":
+        out = torch.empty((B, H, N, M), device=device, dtype=torch.int8)
+        _keep_mask_kernel[(triton.cdiv(N, 16), B * H, triton.cdiv(M, 16))](out, seed, H, N, M, p,
+                                                                           BLOCK_N=16, BLOCK_M=16)
+        return out.bool()
+    return AC.dropout_keep_chunk(seed, 0, (B, H, N, M), p, device)
+
+
+def _dropout_reference(mask, keep, p, causal, softcap):
+    """float64 attention with an explicit (B, H, N, M) dropout keep-mask, GQA by repeating K/V."""
+    def f(q, k, v):
+        B, H = k.shape[0], q.shape[2]
+        g = H // k.shape[2]
+        k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        s = torch.einsum("bnhd,bmhd->bhnm", q.expand(B, -1, -1, -1), k) * q.shape[-1] ** -0.5
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        allowed = attention_keep_mask(mask, causal, q.shape[1], k.shape[1], q.device)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        probs = s.softmax(-1).nan_to_num(0.0) * keep / (1 - p)
+        return torch.einsum("bhnm,bmhd->bnhd", probs, v)
+    return f
+
+
+@pytest.mark.parametrize("backend,splits", [("triton", 1), ("triton", 2), ("torch", 0)])
+def test_dropout_with_gqa_uses_query_head_offsets(backend, splits):
+    """Forward and backward draw the same keep-mask, indexed by query head: rebuild it and compare in float64."""
+    B, N, M, H, Hkv, D, p = 2, 17, 23, 4, 2, 8, 0.3
+    q, k, v = _inputs(1, B, N, M, H, Hkv, D, D)
+    mask = _mask(B, M)
+    mask[0, :3] = True
+    grad = torch.randn(B, N, H, D, device=q.device)
+    torch.manual_seed(5)
+    ours = _run(A.cross_attention, [q, k, v], grad, key_padding_mask=mask, dropout_p=p, causal=True, softcap=2.0,
+                backend=backend, num_splits=splits)[:4]
+    torch.manual_seed(5)
+    keep = _keep_mask(backend, int(A.draw_dropout_seed(p).item()), B, H, N, M, p, q.device)
+    copies = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _run(_dropout_reference(mask, keep, p, True, 2.0), copies, grad.double())[:4]
+    _assert_all_close(ours, ref)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+def _bad_cases():
+    q = torch.randn(2, 3, 3, 4)
+    k = torch.randn(2, 5, 2, 4)
+    qq = torch.randn(2, 5, 4, 4)
+    return [
+        ("heads_not_multiple", A.cross_attention, (q, k, k), {}, ValueError, "key/value heads"),
+        ("self_heads_not_multiple", A.self_attention, (torch.randn(2, 5, 3, 4), k, k), {}, ValueError,
+         "Hkv dividing H"),
+        ("softcap_negative", A.cross_attention, (qq, k, k), {"softcap": -1.0}, ValueError, "softcap"),
+        ("softcap_nan", A.cross_attention, (qq, k, k), {"softcap": math.nan}, ValueError, "softcap"),
+        ("softcap_inf", A.self_attention, (qq, qq, qq), {"softcap": math.inf}, ValueError, "softcap"),
+        ("softcap_bool", A.self_attention, (qq, qq, qq), {"softcap": True}, ValueError, "softcap"),
+        ("causal_int", A.cross_attention, (qq, k, k), {"causal": 1}, TypeError, "causal"),
+        ("causal_str", A.self_attention, (qq, qq, qq), {"causal": "yes"}, TypeError, "causal"),
+        ("return_lse_int", A.cross_attention, (qq, k, k), {"return_lse": 1}, TypeError, "return_lse"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_feature_arguments_raise_naming_the_argument(case):
+    _, fn, args, kw, exc, text = case
+    with pytest.raises(exc) as info:
+        fn(*args, **kw)
+    assert text in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# torch.library and torch.compile
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_causal_softcap_gqa(backend):
+    q, k, v = [t.detach() for t in _inputs(1, 2, 9, 7, 4, 2, 6, 3)]
+    mask = _mask(2, 7)
+    seed = torch.tensor([7])
+    fwd = torch.ops.perceiver_fast.attention_fwd
+    torch.library.opcheck(fwd.default, (q, k, v, mask, seed, 0.2, 0.4, 2, backend, True, 1.5))
+    torch.library.opcheck(fwd.default, (q, k, v, None, None, 0.0, 0.4, 0, backend, True, 0.0))
+    out, lse = fwd(q, k, v, mask, seed, 0.2, 0.4, 1, backend, True, 1.5)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_bwd.default,
+                          (grad, q, k, v, out, lse, mask, seed, 0.2, 0.4, 2, backend, True, 1.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_with_features(backend):
+    q, k, v = _inputs(1, 2, 6, 9, 4, 2, 8, 8)
+    mask = _mask(2, 9)
+    mask[0, :2] = True
+
+    def f(q, k, v):
+        x = A.cross_attention(q, k, v, key_padding_mask=mask, causal=True, softcap=2.0, backend=backend)
+        y, lse = A.self_attention(x, x[:, :, :2], x[:, :, :2], causal=True, softcap=1.0, return_lse=True,
+                                  backend=backend)
+        return y.square().sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    eager_loss = f(q, k, v)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
