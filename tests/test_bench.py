@@ -89,6 +89,23 @@ def test_sdpa_refusal_is_recorded_as_fail_not_raised():
     assert eager[0]["relerr"] < 1e-5
 
 
+def test_cpu_run_leaves_out_cuda_only_sdpa_backends():
+    """A newcomer's CPU run shows no "FAIL No viable backend" rows for kernels a CPU does not have."""
+    opts = BenchOptions(device="cpu", quick=True, ops=["keras"], models=[], progress=False)
+    from perceiver_fast.bench.ops import attn_backends
+
+    chosen = attn_backends(opts, with_compile=False)
+    assert "sdpa-cudnn" not in chosen and "sdpa-efficient" not in chosen
+    assert {"eager", "sdpa-math", "sdpa-flash", "fused"} <= set(chosen)
+
+
+def test_small_model_labels_say_what_ran():
+    small = S.ModelCase("vit-b16", "vit", 64, note="ViT-B/16", small_note="ViT, tiny config").small()
+    assert small.note == "ViT, tiny config" and small.image_size == 32 and small.batch == 2
+    for case in S.MODEL_CASES:
+        assert "224" not in case.small().note
+
+
 def test_speedups_and_targets_on_synthetic_rows():
     def r(backend, ms, mib=None, direction="fwd", name="pio-learned"):
         return make_row(section="op", name=name, direction=direction, dtype="bfloat16", backend=backend,

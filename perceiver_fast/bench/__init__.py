@@ -8,5 +8,5 @@
 * :mod:`.backends`: eager, torch.compile, each SDPA backend, fused;
 * :mod:`.timing`: do_bench / torch.utils.benchmark quantiles and peak memory;
 * :mod:`.runner`: collects the sections' jobs and runs them; :mod:`.compare`: ``--compare``;
-* :mod:`.report`: table, CSV, JSON, plots; :mod:`.targets`: issue 6 targets.
+* :mod:`.report`: table, CSV, JSON, plots; :mod:`.targets`: the speed targets.
 """

@@ -30,6 +30,8 @@ from perceiver_fast.ops.reference import attention_reference, fourier_encode_ref
 from .shapes import AttnShape, FourierShape
 
 SDPA_BACKENDS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+# SDPA kernels that exist for CUDA tensors only; the bench leaves them out elsewhere.
+CUDA_ONLY_SDPA_BACKENDS = ["sdpa-efficient", "sdpa-cudnn"]
 ATTN_BACKENDS = ["eager", "compile"] + SDPA_BACKENDS + ["fused", "fused-triton"]
 FOURIER_BACKENDS = ["eager", "compile", "fused"]
 

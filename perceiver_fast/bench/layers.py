@@ -1,4 +1,4 @@
-"""Layer benchmarks (issue 6 "layer targets"): our cross-attention layer against
+"""Layer benchmarks (the layer targets): our cross-attention layer against
 transformers' PerceiverLayer (is_cross_attention=True) with the same weights.
 
 Backends: ``hf:eager`` (PerceiverLayer), ``hf-patched:fused`` (the same layer

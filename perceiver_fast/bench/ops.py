@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from perceiver_fast.ops.reference import attention_reference, fourier_encode_reference
 
 from . import shapes as S
-from .backends import (ATTN_BACKENDS, FOURIER_BACKENDS, SDPA_BACKENDS, attn_backend, attn_grad_leaves, attn_inputs,
+from .backends import (ATTN_BACKENDS, CUDA_ONLY_SDPA_BACKENDS, FOURIER_BACKENDS, SDPA_BACKENDS, attn_backend, attn_grad_leaves, attn_inputs,
                        attn_reference64, fourier_backend, fourier_inputs, torch_dtype)
 from .schema import TOLERANCE, Job, Timed, failure_reason, make_row, relerr, time_rows
 from .timing import free_bytes, is_cuda, is_oom, release, sync
@@ -279,6 +279,9 @@ def attn_backends(opts, with_compile: bool, op: str = "cross") -> List[str]:
     for b in ATTN_BACKENDS:
         if b == "fused-triton" and (op != "self" or not is_cuda(opts.device)):
             continue
+        if b in CUDA_ONLY_SDPA_BACKENDS and not is_cuda(opts.device) and opts.backends is None:
+            continue  # not "FAIL No viable backend" rows: these kernels do not exist on this device (asked for
+            # by name, they still run and record the refusal)
         if b == "compile" and not (opts.compile_attention and with_compile):
             continue
         if opts.backends is not None and b not in opts.backends:

@@ -55,10 +55,10 @@ def format_table(result: Dict) -> str:
 def targets_markdown(result: Dict) -> str:
     env = result["env"]
     if env.get("small_sizes") or not env.get("gpu"):
-        return ("Targets (issue 6) are defined for the H200 at full sizes; this run was on "
+        return ("Targets are defined for the H200 at full sizes; this run was on "
                 f"{env['device']} at small sizes, so they were not evaluated.\n")
     res = evaluate(result["rows"])
-    out = [f"Targets (issue 6), measured {env['date']} on {env['device']}:", "",
+    out = [f"Targets, measured {env['date']} on {env['device']}:", "",
            "| target | anchor (2026-11-20) | this run | verdict |", "|---|---|---|---|"]
     for r in res:
         out.append(f"| {r['target']} | {r['anchor']} | {r['measured']} | {r['verdict']} |")

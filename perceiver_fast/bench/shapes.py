@@ -206,10 +206,11 @@ class ModelCase:
     num_classes: int = 1000
     kwargs: Dict = field(default_factory=dict)
     note: str = ""
+    small_note: str = ""  # the note of the tiny config small() builds (it is not the full model)
 
     def small(self) -> "ModelCase":
         return dataclasses.replace(self, batch=min(self.batch, 2), image_size=min(self.image_size, 32), num_classes=10,
-                                   kwargs={**self.kwargs, "tiny": True})
+                                   kwargs={**self.kwargs, "tiny": True}, note=self.small_note or self.note)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ def floor_ms(flops: float, nbytes: float, dtype: str = "bfloat16", ceilings=H200
 
 
 # ---------------------------------------------------------------------------
-# The issue 6 shapes (HF deepmind vision Perceiver IO configs, Keras example,
+# The target shapes (HF deepmind vision Perceiver IO configs, Keras example,
 # ViT-B/16). Names are stable: they key the CSV/JSON rows and the notes.
 # ---------------------------------------------------------------------------
 ATTN_SHAPES: List[AttnShape] = [
@@ -302,7 +303,7 @@ def headdim_shapes(ds: List[int], base: AttnShape = HEADDIM_BASE) -> List[AttnSh
     return [base.replace(name=f"headdim-D{d}", Dqk=d, Dv=d) for d in ds]
 
 
-# Layer targets of issue 6: HF PerceiverLayer vs ours, same weights, B8.
+# Layer targets: HF PerceiverLayer vs ours, same weights, B8.
 LAYER_CASES: List[LayerCase] = [
     LayerCase("learned", 8, 512, 50176, 1024, 512, note="learned positions, kv_dim 512"),
     LayerCase("fourier", 8, 512, 50176, 1024, 261, note="Fourier features, kv_dim 261"),
@@ -312,12 +313,15 @@ QUICK_LAYERS = ["learned"]
 
 MODEL_CASES: List[ModelCase] = [
     ModelCase("pio-learned", "perceiver-io", 8, kwargs={"preprocessor": "learned"},
-              note="Perceiver IO, learned positions (deepmind vision config)"),
+              note="Perceiver IO, learned positions (deepmind vision config)",
+              small_note="Perceiver IO, learned positions, tiny config (16 latents, 1 block)"),
     ModelCase("pio-fourier", "perceiver-io", 8, kwargs={"preprocessor": "fourier"},
-              note="Perceiver IO, Fourier positions"),
+              note="Perceiver IO, Fourier positions",
+              small_note="Perceiver IO, Fourier positions, tiny config (16 latents, 1 block)"),
     ModelCase("pio-conv", "perceiver-io", 8, kwargs={"preprocessor": "conv"},
-              note="Perceiver IO, conv preprocessing"),
-    ModelCase("vit-b16", "vit", 64, note="ViT-B/16 at 224"),
+              note="Perceiver IO, conv preprocessing",
+              small_note="Perceiver IO, conv preprocessing, tiny config (16 latents, 1 block)"),
+    ModelCase("vit-b16", "vit", 64, note="ViT-B/16", small_note="ViT, tiny config (patch 8, dim 64, depth 2)"),
 ]
 QUICK_MODELS = ["pio-learned", "vit-b16"]
 

@@ -1,4 +1,4 @@
-"""The issue 6 targets, checked against the rows of one bench run.
+"""The speed targets, checked against the rows of one bench run.
 
 Each target compares a candidate row with a baseline row of the same run and
 section/name/direction/dtype. ``min_speedup``: baseline_ms / candidate_ms must

@@ -8,6 +8,8 @@
   their attention through ``AttentionInterface`` (ViT, BERT, ...).
 * :func:`patch_timm_vit` / :func:`unpatch_timm_vit` - timm Vision Transformers, in place.
 * :func:`vit_from_timm` - timm VisionTransformer -> our :class:`~perceiver_fast.models.ViT`.
+* :func:`patch_multihead_attention` / :func:`unpatch_multihead_attention` - every ``torch.nn.MultiheadAttention``
+  of a model (SigLIP pooling heads, attentional poolers, nn.Transformer layers), in place.
 """
 from perceiver_fast.integrations.hf import (  # noqa: F401
     patch_hf_perceiver,
@@ -22,6 +24,7 @@ from perceiver_fast.integrations.hf_convert import (  # noqa: F401
     perceiver_io_from_hf,
     perceiver_io_from_hf_config,
 )
+from perceiver_fast.integrations.mha import patch_multihead_attention, unpatch_multihead_attention  # noqa: F401
 from perceiver_fast.integrations.timm import patch_timm_vit, unpatch_timm_vit, vit_from_timm  # noqa: F401
 
 __all__ = [
@@ -29,4 +32,5 @@ __all__ = [
     "perceiver_io_from_hf", "perceiver_io_from_hf_config", "hf_state_dict", "hf_cross_layer_state_dict",
     "register_hf_attention",
     "patch_timm_vit", "unpatch_timm_vit", "vit_from_timm",
+    "patch_multihead_attention", "unpatch_multihead_attention",
 ]
