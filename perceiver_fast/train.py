@@ -17,8 +17,14 @@ when the loss diverges. The ``perceiver-fast train`` command prints them as one
 line.
 
 Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel:
-process group from the environment (nccl on GPUs, gloo on CPUs), a
-DistributedSampler over the training set; rank 0 prints and writes.
+process group from the environment (nccl on GPUs, gloo on CPUs); rank 0 prints
+and writes the one checkpoint. With ``batch_size`` (per process) each rank draws
+its own batches (a DistributedSampler). With ``global_batch_size`` the run is the
+single-process run with that batch, split: every rank draws the same global
+batch (same shuffling and augmentation stream, seeded by ``seed``) and takes its
+contiguous 1/world of it, and the logged losses and accuracies are those of the
+global batch, so the metrics match one process within data-parallel rounding. A
+world size that does not divide ``global_batch_size`` is refused up front.
 """
 from __future__ import annotations
 
@@ -274,6 +280,7 @@ class TrainConfig:
     attention: str = "fused"
     epochs: int = 60
     batch_size: int = 64
+    global_batch_size: Optional[int] = None
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -313,9 +320,14 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     check_float("test_fraction", cfg.test_fraction, 0.0, 1.0, include_minimum=False, include_maximum=False)
     if check_int("seed", cfg.seed, minimum=0) > MAX_SEED:
         raise ValueError(f"seed must be <= {MAX_SEED}, got {cfg.seed}")
-    for name in ("max_steps", "limit"):
+    for name in ("max_steps", "limit", "global_batch_size"):
         if getattr(cfg, name) is not None:
             check_int(name, getattr(cfg, name))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.global_batch_size is not None and cfg.global_batch_size % world != 0:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by the world size {world} "
+                         f"(WORLD_SIZE): every process takes an equal share of the global batch; use a multiple "
+                         f"of {world} or another --nproc-per-node")
     device = str(resolve_device(cfg.device)) if cfg.device is not None else None
     check_output_dir(cfg.out)
     return dataclasses.replace(cfg, device=device)
@@ -416,6 +428,17 @@ def _check_train_dependencies() -> None:
         raise ImportError(f"training needs {', '.join(missing)}: pip install 'perceiver_fast[train]'")
 
 
+def _global_sums(values: List[float], dist_info: "Dist") -> List[float]:
+    """The sums of ``values`` over the ranks (one all-reduce under DDP; the values themselves otherwise)."""
+    if not dist_info.enabled:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _all_finite(loss: torch.Tensor, dist_info: "Dist") -> bool:
     """Whether every rank's loss is finite (one all-reduce under DDP, so that all ranks stop together)."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
@@ -442,6 +465,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     _check_train_dependencies()
     # Data and model before the process group: a bad dataset fails fast, on every rank alike.
     data = make_dataset(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.limit)
+    if cfg.global_batch_size is not None and cfg.global_batch_size > len(data.x_train):
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} is larger than the {len(data.x_train)} "
+                         f"training examples of {data.name}")
     torch.manual_seed(cfg.seed)
     model, model_cfg = build_model(cfg.model, data.image_shape, data.num_classes, cfg.attention, cfg.size)
     return Prepared(cfg, data, model, model_cfg)
@@ -480,12 +506,14 @@ def fit(prepared: Prepared) -> Dict:
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         train_set = torch.utils.data.TensorDataset(data.x_train, data.y_train)
         sampler = None
-        if dist_info.enabled:
+        exact = cfg.global_batch_size is not None  # every rank draws the global batch and takes its share
+        batch = cfg.global_batch_size if exact else cfg.batch_size
+        if dist_info.enabled and not exact:
             sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist_info.world,
                                                           rank=dist_info.rank, shuffle=True, seed=cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed + dist_info.rank)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
-                                             sampler=sampler, drop_last=len(train_set) > cfg.batch_size,
+        gen = torch.Generator().manual_seed(cfg.seed + (0 if exact else dist_info.rank))
+        loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=sampler is None,
+                                             sampler=sampler, drop_last=exact or len(train_set) > batch,
                                              generator=gen)
         steps_per_epoch = max(1, len(loader))
         total = steps_per_epoch * cfg.epochs
@@ -524,8 +552,11 @@ def fit(prepared: Prepared) -> Dict:
             for xb, yb in loader:
                 if step >= total:
                     break
-                xb = augment(xb, cfg.shift, gen).to(device)
-                yb = yb.to(device)
+                xb = augment(xb, cfg.shift, gen)
+                if exact and dist_info.enabled:
+                    share = len(xb) // dist_info.world  # the config check made it divide (drop_last too)
+                    xb, yb = (t[dist_info.rank * share:(dist_info.rank + 1) * share] for t in (xb, yb))
+                xb, yb = xb.to(device), yb.to(device)
                 logits = net(xb).float()
                 loss = F.cross_entropy(logits, yb)
                 if not _all_finite(loss, dist_info):
@@ -539,10 +570,14 @@ def fit(prepared: Prepared) -> Dict:
                 opt.step()
                 sched.step()
                 step += 1
-                step_losses.append(loss.item())
-                loss_sum += loss.item() * len(yb)
-                correct += (logits.argmax(-1) == yb).sum().item()
-                seen += len(yb)
+                step_loss, step_seen = loss.item() * len(yb), len(yb)
+                step_correct = (logits.argmax(-1) == yb).sum().item()
+                if exact:  # the global batch's numbers, as one process would log them
+                    step_loss, step_correct, step_seen = _global_sums([step_loss, step_correct, step_seen], dist_info)
+                step_losses.append(step_loss / step_seen if exact else loss.item())
+                loss_sum += step_loss
+                correct += int(step_correct)
+                seen += int(step_seen)
             test_loss, test_acc = evaluate(model, data.x_test, data.y_test, device)
             h = dict(epoch=epoch, step=step, train_loss=loss_sum / max(seen, 1), train_acc=correct / max(seen, 1),
                      test_loss=test_loss, test_acc=test_acc, elapsed_s=round(time.time() - t0, 2))

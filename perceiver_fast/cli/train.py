@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                    help="fused ops (Triton on a GPU, their PyTorch path on a CPU) or eager attention")
     p.add_argument("--epochs", type=int, default=60, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="instead of --batch-size: one global batch, split evenly across the torchrun processes "
+                        "(the world size must divide it); the run then matches one process with this batch")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warm-up, cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length")

@@ -33,6 +33,19 @@ costs as much as the attention itself.
 P no longer sum to 1, so the folded path then appends an all-ones channel to
 the keys/values (a zero one to the queries): the attention returns each row's
 sum alongside, and b_v is scaled by it - still exact.
+
+Inputs sharded across ranks
+---------------------------
+``CrossAttention(..., input_group=group)`` takes ``kv`` (and the key padding
+mask) as this rank's contiguous slice of the M inputs and attends with
+:func:`perceiver_fast.distributed.sharded_cross_attention`: the LayerNorm of the
+inputs, the K/V projection (or the folded attention over LN(x)) run on the local
+shard only; the queries, the output projection and the MLP are replicated. The
+parameters applied to the local shard (norm_kv, and to_k / to_v unfolded) get
+their gradient summed over the group (:func:`perceiver_fast.distributed.all_reduce_grad`),
+so every rank ends the backward with the same, complete gradients. With
+``fold="auto"`` the choice is made from the per-key cost (independent of M), so
+that every rank takes the same path whatever the size of its shard.
 """
 from __future__ import annotations
 
@@ -43,6 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from perceiver_fast import distributed
 from perceiver_fast.layers import dispatch
 from perceiver_fast.layers.checks import check_float, check_int
 
@@ -72,13 +86,21 @@ def folding_flops(n: int, m: int, din: int, qk_channels: int, v_channels: int, h
 MAX_FOLDED_DIN = 4095
 
 
-def choose_folding(fold: FoldMode, n: int, m: int, din: int, qk_channels: int, v_channels: int,
+def choose_folding(fold: FoldMode, n: int, m: Optional[int], din: int, qk_channels: int, v_channels: int,
                    heads: int) -> bool:
-    """Resolve ``fold`` ("auto" | True | False) to the path taken: folded when it needs fewer FLOPs."""
+    """Resolve ``fold`` ("auto" | True | False) to the path taken: folded when it needs fewer FLOPs.
+
+    ``m=None`` (inputs sharded across ranks, whose shard sizes differ) compares the per-key cost only,
+    the limit for large M, so that every rank decides alike.
+    """
     if fold is True or fold is False:
         return fold
     if din > MAX_FOLDED_DIN:
         return False
+    if m is None:
+        unfolded, folded = folding_flops(n, 1, din, qk_channels, v_channels, heads)
+        fixed_unfolded, fixed_folded = folding_flops(n, 0, din, qk_channels, v_channels, heads)
+        return folded - fixed_folded < unfolded - fixed_unfolded
     unfolded, folded = folding_flops(n, m, din, qk_channels, v_channels, heads)
     return folded < unfolded
 
@@ -96,25 +118,42 @@ def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, width - d), value=1.0)[..., :d + 1]
 
 
+def _attend_keys(q, k, v, *, attention, key_padding_mask, dropout_p, scale, input_group):
+    """(out, global lse or None): the dispatched op on one device, the sharded one with an input group."""
+    if input_group is None:
+        return dispatch.cross_attention(q, k, v, attention=attention, key_padding_mask=key_padding_mask,
+                                        dropout_p=dropout_p, softmax_scale=scale), None
+    return distributed.sharded_cross_attention(q, k, v, group=input_group, key_padding_mask=key_padding_mask,
+                                               dropout_p=dropout_p, softmax_scale=scale, return_lse=True)
+
+
 def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, *, attention: str,
                  key_padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                 fold: bool = False) -> torch.Tensor:
+                 fold: bool = False, input_group=None) -> torch.Tensor:
     """Multi-head cross-attention from projected queries over normalised inputs.
 
     qh: (Bq, N, H, dh) projected queries, Bq in {1, B}; x: (B, M, Din) the
     normalised inputs; to_k / to_v: the key and value Linears (Din -> H*dh,
     Din -> H*dv). Returns (B, N, H*dv). ``fold=True`` takes the folded path
     (keys = values = x, see the module docstring), else the usual one.
+    ``input_group``: x and the mask are this rank's shard of the inputs, the
+    attention is :func:`perceiver_fast.distributed.sharded_cross_attention` over
+    the group (``attention`` must then be "fused").
     """
     bq, n, h, dh = qh.shape
     b, m, din = x.shape
     dv = to_v.out_features // h
     scale = 1.0 / math.sqrt(dh)
     if not fold:
-        k = to_k(x).view(b, m, h, dh)
-        v = to_v(x).view(b, m, h, dv)
-        o = dispatch.cross_attention(qh, k, v, attention=attention, key_padding_mask=key_padding_mask,
-                                      dropout_p=dropout_p, softmax_scale=scale)
+        if input_group is None:
+            k, v = to_k(x), to_v(x)
+        else:  # replicated weights on the local shard: their gradients are summed over the group
+            g = lambda t: None if t is None else distributed.all_reduce_grad(t, input_group)  # noqa: E731
+            k = F.linear(x, g(to_k.weight), g(to_k.bias))
+            v = F.linear(x, g(to_v.weight), g(to_v.bias))
+        o, _ = _attend_keys(qh, k.view(b, m, h, dh), v.view(b, m, h, dv), attention=attention,
+                            key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale,
+                            input_group=input_group)
         return o.reshape(b, n, h * dv)
     # q' = Q_h W_k,h : (Bq, H, N, Din); heads stacked along the query axis, one shared kv "head".
     qf = torch.einsum("bnhd,hde->bhne", qh, to_k.weight.view(h, dh, din)).reshape(bq, h * n, 1, din)
@@ -128,15 +167,19 @@ def cross_attend(qh: torch.Tensor, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Li
     else:
         xk = x  # unaligned rows (Din 261) are repacked once by the op, for k and v together
     xk = xk.unsqueeze(2)  # (B, M, 1, Din[+1]): keys = values = LN(x)
-    o = dispatch.cross_attention(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
-                                  dropout_p=dropout_p, softmax_scale=scale)
+    o, lse = _attend_keys(qf, xk, xk, attention=attention, key_padding_mask=key_padding_mask,
+                          dropout_p=dropout_p, scale=scale, input_group=input_group)
     o = o.view(b, h, n, xk.shape[-1])
     out = torch.einsum("bhne,hve->bnhv", o[..., :din], to_v.weight.view(h, dv, din))  # (B, N, H, dv)
     if row_sums:
         out = out + o[..., din].transpose(1, 2).unsqueeze(-1) * to_v.bias.view(h, dv)
     elif to_v.bias is not None:
         b_v = to_v.bias.view(h, dv)
-        if key_padding_mask is not None:
+        if lse is not None:
+            # Sharded: whether a query has a key anywhere is what the global lse says (+inf: none).
+            has_key = torch.isfinite(lse).view(b, h, n).transpose(1, 2).unsqueeze(-1)  # (B, N, H, 1)
+            b_v = b_v * has_key.to(b_v.dtype)
+        elif key_padding_mask is not None:
             # A query whose keys are all masked gets zeros from the attention (its row of P sums to 0,
             # not 1), so b_v must not pass through there either.
             b_v = b_v * key_padding_mask.any(1).to(b_v.dtype)[:, None, None, None]
@@ -189,16 +232,21 @@ class CrossAttention(nn.Module):
         layer_norm_eps: eps of both LayerNorms (HF uses torch's 1e-5).
         attention: ``"fused"`` or ``"eager"``.
         fold: ``"auto"``, True or False (see the module docstring).
+        input_group: a torch.distributed process group the inputs are sharded
+            over (see "Inputs sharded across ranks" in the module docstring);
+            None (default): all inputs on this rank. Needs ``attention="fused"``.
 
     ``forward(q, kv, key_padding_mask=None)``: q (Bq, N, q_dim) with Bq in {1, B}
     (batch-shared latents are NOT expanded), kv (B, M, kv_dim),
     key_padding_mask bool (B, M), True = attend. Returns (B, N, out_dim).
+    With ``input_group``, kv and the mask are this rank's slice (B, M_r, ...)
+    and the output is the full one, the same on every rank.
     """
 
     def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: Optional[int] = None,
                  v_channels: Optional[int] = None, out_dim: Optional[int] = None, use_query_residual: bool = True,
                  dropout: float = 0.0, layer_norm_eps: float = 1e-5, attention: str = "fused",
-                 fold: FoldMode = "auto"):
+                 fold: FoldMode = "auto", input_group=None):
         super().__init__()
         check_int("q_dim", q_dim)
         check_int("kv_dim", kv_dim)
@@ -219,6 +267,10 @@ class CrossAttention(nn.Module):
         self.dropout = float(dropout)
         self.attention = dispatch.check_attention(attention)
         self.fold = check_fold(fold)
+        if input_group is not None and self.attention != "fused":
+            raise ValueError(f"input_group (inputs sharded across ranks) needs attention='fused', got "
+                             f"{self.attention!r}")
+        self.input_group = input_group
         self.norm_q = nn.LayerNorm(q_dim, eps=layer_norm_eps)
         self.norm_kv = nn.LayerNorm(kv_dim, eps=layer_norm_eps)
         self.to_q = nn.Linear(q_dim, qk_channels)
@@ -231,7 +283,8 @@ class CrossAttention(nn.Module):
 
     def use_folding(self, n: int, m: int) -> bool:
         """Whether forward takes the folded path for N queries over M inputs."""
-        return choose_folding(self.fold, n, m, self.kv_dim, self.qk_channels, self.v_channels, self.heads)
+        return choose_folding(self.fold, n, None if self.input_group is not None else m, self.kv_dim,
+                              self.qk_channels, self.v_channels, self.heads)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
         if q.dim() != 3 or kv.dim() != 3:
@@ -251,26 +304,35 @@ class CrossAttention(nn.Module):
         """(B, N, v_channels) attention output before the output projection."""
         bq, n, _ = q.shape
         qh = self.to_q(self.norm_q(q)).view(bq, n, self.heads, self.qk_channels // self.heads)
-        return cross_attend(qh, self.norm_kv(kv), self.to_k, self.to_v, attention=self.attention,
+        group = self.input_group
+        if group is None:
+            x = self.norm_kv(kv)
+        else:  # the LayerNorm runs on the local shard: its gradient is summed over the group
+            norm = self.norm_kv
+            g = lambda t: None if t is None else distributed.all_reduce_grad(t, group)  # noqa: E731
+            x = F.layer_norm(kv, norm.normalized_shape, g(norm.weight), g(norm.bias), norm.eps)
+        return cross_attend(qh, x, self.to_k, self.to_v, attention=self.attention,
                             key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
-                            fold=self.use_folding(n, kv.shape[1]))
+                            fold=self.use_folding(n, kv.shape[1]), input_group=group)
 
 
 class CrossAttentionLayer(nn.Module):
     """HF ``PerceiverLayer(is_cross_attention=True)``: cross-attention, then x + MLP(LN(x)).
 
-    Takes the :class:`CrossAttention` arguments plus ``widening_factor``
-    (MLP hidden = widening_factor * out_dim) and ``mlp_dropout``.
+    Takes the :class:`CrossAttention` arguments (``input_group`` included: kv
+    is then this rank's input shard) plus ``widening_factor`` (MLP hidden =
+    widening_factor * out_dim) and ``mlp_dropout``.
     """
 
     def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: Optional[int] = None,
                  v_channels: Optional[int] = None, widening_factor: int = 1, use_query_residual: bool = True,
                  dropout: float = 0.0, mlp_dropout: float = 0.0, layer_norm_eps: float = 1e-5,
-                 attention: str = "fused", fold: FoldMode = "auto"):
+                 attention: str = "fused", fold: FoldMode = "auto", input_group=None):
         super().__init__()
         self.attn = CrossAttention(q_dim, kv_dim, heads=heads, qk_channels=qk_channels, v_channels=v_channels,
                                    use_query_residual=use_query_residual, dropout=dropout,
-                                   layer_norm_eps=layer_norm_eps, attention=attention, fold=fold)
+                                   layer_norm_eps=layer_norm_eps, attention=attention, fold=fold,
+                                   input_group=input_group)
         self.norm_mlp = nn.LayerNorm(q_dim, eps=layer_norm_eps)
         self.mlp = MLP(q_dim, mlp_width("widening_factor", widening_factor, q_dim), dropout=mlp_dropout)
 

@@ -958,6 +958,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     Bq, N, H, Dqk = q.shape
     B, M, Hkv, Dv = v.shape
     group = H // max(Hkv, 1)
+    lse = lse.contiguous()  # the kernels index it as (B * H, N) rows: a strided lse would read the wrong rows
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     if N == 0 or M == 0 or B * H == 0:
