@@ -7,7 +7,18 @@ and the metadata:
 
 * ``dot``: wgmma (``wgmma.mma_async``), mma.sync, or fma (no tensor-core instruction);
 * ``kv_loads``: tma (``cp.async.bulk.tensor``), cp.async, or ld.global;
-* ``regs``, ``spills`` (spill store + load bytes), ``smem`` (bytes of shared memory).
+* ``regs``, ``spills`` (spill store + load bytes), ``smem`` (bytes of shared memory);
+* ``wgmma_loop``: the wgmma instruction shapes in the kernel's main loop (the innermost PTX loop
+  that holds wgmma; e.g. ``64x m64n32k16 + 4x m64n256k16``), ``warpgroups`` (num_warps / 4: each
+  warpgroup executes every wgmma of the per-thread PTX), ``issued_tensor_flops`` (per loop
+  iteration, all warpgroups: warpgroups x sum of 2*64*N*K);
+* forward only: ``min_tensor_flops`` (one BLOCK_N x BLOCK_M key block of the program's value
+  tile: 2*BLOCK_N*BLOCK_M*(Dqk + Dv tile), the real head dims) and ``tensor_issue_ratio``
+  (issued / minimum; printed as ``issue=1.50x``). This is compile-time analysis, not a
+  measurement: it assumes one key block per loop iteration. Above 1.0 means duplicated or padded
+  tensor work, e.g. every warpgroup computing the whole S tile (``warpsPerCTA = [8, 1]`` on a
+  64-row tile) and then only its own half of P.V gives 1.5x on D512. The backward kernels get
+  the loop's wgmma shapes and issued FLOPs but no minimum (None). ``--check`` ignores these.
 
 Usage::
 
@@ -131,6 +142,63 @@ def classify(ptx: str) -> tuple:
     return dot, loads
 
 
+WGMMA_RE = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+_LABEL_RE = re.compile(r"^\s*(\$L__\w+):")
+_BRA_RE = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
+
+
+def main_loop_wgmma(ptx: str) -> dict:
+    """{(m, n, k): count} of the wgmma instructions in the kernel's main loop: the innermost PTX loop
+    (a label and a later branch back to it) holding wgmma, the one with the most tensor work if there
+    are several (e.g. a causal kernel's off-diagonal and diagonal loops). With no such loop, every
+    wgmma in the PTX."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = _LABEL_RE.match(line)
+        if m:
+            labels[m.group(1)] = i
+    wg = [(i, tuple(int(x) for x in m.groups())) for i, line in enumerate(lines) for m in [WGMMA_RE.search(line)] if m]
+    loops = []
+    for i, line in enumerate(lines):
+        m = _BRA_RE.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    loops = [r for r in loops if any(r[0] <= w <= r[1] for w, _ in wg)]
+    inner = [r for r in loops if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in loops)]
+
+    def counts(lo, hi):
+        out = {}
+        for w, shape in wg:
+            if lo <= w <= hi:
+                out[shape] = out.get(shape, 0) + 1
+        return out
+
+    if not inner:
+        return counts(0, len(lines))
+    return max((counts(lo, hi) for lo, hi in inner),
+               key=lambda c: sum(n * 2 * m * nn * k for (m, nn, k), n in c.items()))
+
+
+def tensor_issue(ptx: str, num_warps: int, min_flops=None) -> dict:
+    """The tensor-work columns of one entry: ``wgmma_loop``, ``warpgroups``, ``issued_tensor_flops`` per
+    main-loop iteration (every warpgroup executes every wgmma of the PTX), and, given the minimum for
+    one iteration, ``min_tensor_flops`` and ``tensor_issue_ratio``."""
+    c = main_loop_wgmma(ptx)
+    wgs = max(1, num_warps // 4)
+    issued = wgs * sum(n * 2 * m * nn * k for (m, nn, k), n in c.items())
+    desc = " + ".join(f"{n}x m{m}n{nn}k{k}" for (m, nn, k), n in sorted(c.items(), key=lambda kv: kv[0][1]))
+    return dict(wgmma_loop=desc or None, warpgroups=wgs, issued_tensor_flops=issued or None,
+                min_tensor_flops=min_flops,
+                tensor_issue_ratio=round(issued / min_flops, 3) if (issued and min_flops) else None)
+
+
+def fwd_min_tensor_flops(block_n: int, block_m: int, dqk: int, dv: int, dv_tile: int) -> int:
+    """The forward's minimum tensor FLOPs for one BLOCK_N x BLOCK_M key block of one program: S = Q K^T
+    over Dqk and P V over the program's value tile (the real head dims, no padding)."""
+    return 2 * block_n * block_m * (dqk + min(dv, dv_tile))
+
+
 def _cfg_name(cfg) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" warps={cfg.num_warps} stages={cfg.num_stages}"
 
@@ -235,15 +303,38 @@ def run_report(shape_names) -> dict:
                     dot, loads = classify(ptx)
                     regs, spills, _, _ = _ptxas(ptx)
                     entry.update(dot=dot, kv_loads=loads, regs=regs, spills=spills, smem=int(c.metadata.shared))
+                    min_flops = None
+                    if direction == "fwd" and "BLOCK_M" in cfg.kwargs:
+                        min_flops = fwd_min_tensor_flops(consts["BLOCK_N"], cfg.kwargs["BLOCK_M"], shape.Dqk,
+                                                         shape.Dv, consts["DV0"] + consts["DV1"])
+                    entry.update(tensor_issue(ptx, cfg.num_warps, min_flops))
                 except Exception as e:  # a config that does not compile is a finding, not a crash
-                    entry.update(dot=None, kv_loads=None, regs=None, spills=None, smem=None,
+                    entry.update(dot=None, kv_loads=None, regs=None, spills=None, smem=None, wgmma_loop=None,
+                                 warpgroups=None, issued_tensor_flops=None, min_tensor_flops=None,
+                                 tensor_issue_ratio=None,
                                  error=f"{type(e).__name__}: {str(e)[-300:]}")
                 entry["compile_s"] = round(time.time() - t0, 1)
                 print(f"{entry['shape']:>12} {variant:>7} {kname:>14} {entry['config']:<48} {entry.get('dot')} {entry.get('kv_loads')} "
                       f"regs={entry.get('regs')} spills={entry.get('spills')} smem={entry.get('smem')} "
+                      f"{_issue_text(entry)} "
                       f"{entry.get('error', '')[:200]}", flush=True)
                 entries.append(entry)
     return {"toolchain": {"triton": triton.__version__, "ptxas": _ptxas_version()}, "entries": entries}
+
+
+def _issue_text(entry: dict) -> str:
+    r = entry.get("tensor_issue_ratio")
+    return f"issue={r:.2f}x" if r is not None else "issue=-"
+
+
+def issue_summary(report: dict) -> list:
+    """Lines of the forward entries' issued / minimum tensor FLOPs (compile-time analysis, not measured)."""
+    out = []
+    for e in report["entries"]:
+        if e["direction"] == "fwd" and e.get("tensor_issue_ratio") is not None:
+            out.append(f"  {e['shape']:>16} {e['variant']:>7} {e['config']:<36} {e['wgmma_loop']:<32} "
+                       f"x{e['warpgroups']} wg  issued/min = {e['tensor_issue_ratio']:.2f}x")
+    return out
 
 
 def failures(report: dict) -> list:
@@ -279,6 +370,11 @@ def main(argv=None) -> int:
     report = run_report(names)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
+    summary = issue_summary(report)
+    if summary:
+        print("forward: issued tensor FLOPs / minimum per key block (wgmma shapes of the PTX main loop; "
+              "compile-time analysis, not measured)")
+        print("\n".join(summary))
     bad = failures(report)
     print(f"sm90_report: {len(report['entries'])} entries, {len(bad)} below the bar on {', '.join(CHECKED_SHAPES)}")
     for e in bad:

@@ -41,6 +41,24 @@ def test_classify_reads_ptx():
     assert classify("fma.rn.f32 ld.global.v4.b32") == ("fma", "ld.global")
 
 
+def test_tensor_issue_counts_the_main_loop_wgmma_per_warpgroup():
+    """Issued tensor FLOPs / minimum: the wgmma shapes of the innermost PTX loop, times the warpgroups."""
+    mod = _report_module()
+    s_half = "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {...};"
+    pv = "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {...};"
+    ptx = "\n".join(["wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {...};",  # before the loop: not counted
+                     "$L__BB0_1:"] + [s_half] * 64 + [pv] * 4 + ["@%p1 bra $L__BB0_2;", "$L__BB0_2:",
+                                                                  "@%p2 bra $L__BB0_1;", "ret;"])
+    assert mod.main_loop_wgmma(ptx) == {(64, 32, 16): 64, (64, 256, 16): 4}
+    # D512 forward, BLOCK_N 64, BLOCK_M 64, 8 warps: each warpgroup the whole S, half of P.V -> 1.5x
+    minimum = mod.fwd_min_tensor_flops(64, 64, 512, 512, 512)
+    cols = mod.tensor_issue(ptx, 8, minimum)
+    assert cols["warpgroups"] == 2 and cols["wgmma_loop"] == "64x m64n32k16 + 4x m64n256k16"
+    assert cols["tensor_issue_ratio"] == 1.5
+    assert mod.tensor_issue(ptx, 4, minimum)["tensor_issue_ratio"] == 0.75
+    assert mod.tensor_issue("fma.rn.f32", 4)["issued_tensor_flops"] is None
+
+
 def test_failures_flags_each_criterion():
     failures = _report_module().failures
     good = dict(shape="pio-learned", dot="wgmma", kv_loads="tma", spills=0, smem=200_000)
