@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -243,17 +243,33 @@ _NO = (False, None)
 
 def _fast_forward(self, *args, **kwargs):
     call = _bind(args, kwargs)
-    fusable, attend = _NO if call is None else _plan(self, call)
+    fusable, attend = _NO if call is None else _plan(self, call, getattr(self, _IGNORE_NEED_WEIGHTS))
     if not fusable:
         return getattr(self, _ORIG)(*args, **kwargs)  # torch's own code, same arguments
     return _fused_forward(self, call["query"], call["key"], call["value"], attend), None
 
 
-def _plan(mod: nn.MultiheadAttention, call: dict) -> Tuple[bool, Optional[torch.Tensor]]:
+def make_multihead_attention_forward(original: Callable, *, ignore_need_weights: bool = False) -> Callable:
+    """A class-level ``nn.MultiheadAttention.forward`` (for a global patch): the calls the fused op expresses
+    exactly run fused, every other call ``original(self, *args, **kwargs)``. Same rules as
+    :func:`patch_multihead_attention`."""
+    def forward(self, *args, **kwargs):
+        call = _bind(args, kwargs)
+        fusable, attend = _NO if call is None else _plan(self, call, ignore_need_weights)
+        if not fusable:
+            return original(self, *args, **kwargs)
+        return _fused_forward(self, call["query"], call["key"], call["value"], attend), None
+
+    forward.__doc__ = original.__doc__
+    return forward
+
+
+def _plan(mod: nn.MultiheadAttention, call: dict,
+          ignore_need_weights: bool) -> Tuple[bool, Optional[torch.Tensor]]:
     """(whether the fused op expresses the call exactly, its (B, S) bool key mask, True = attend, or None)."""
     query, key, value = call["query"], call["key"], call["value"]
     kpm, attn_mask = call["key_padding_mask"], call["attn_mask"]
-    if call["is_causal"] is not False or (call["need_weights"] and not getattr(mod, _IGNORE_NEED_WEIGHTS)):
+    if call["is_causal"] is not False or (call["need_weights"] and not ignore_need_weights):
         return _NO
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return _NO
