@@ -44,30 +44,15 @@ import torch
 from torch import nn
 
 from perceiver_fast.integrations.patching import AttentionPatch, register_attention_patch
+from perceiver_fast.integrations.calls import bind_call
 from perceiver_fast.layers import dispatch
 
-__all__ = ["KRASSERM_ATTENTION_PATCH", "KIND", "fused_multi_head_attention_forward", "bind_call", "empty_query_rows"]
+__all__ = ["KRASSERM_ATTENTION_PATCH", "KIND", "fused_multi_head_attention_forward", "empty_query_rows"]
 
 KIND = "perceiver-io MultiHeadAttention"
 
-# MultiHeadAttention.forward's parameters, in positional order (all but the first two default to None).
-PARAMS = ("x_q", "x_kv", "pad_mask", "rot_pos_emb_q", "rot_pos_emb_k", "kv_cache")
-
-
-def bind_call(args: tuple, kwargs: dict) -> Optional[dict]:
-    """The call's arguments by name (defaults filled in), or None when the package's forward would not bind them."""
-    if len(args) > len(PARAMS):
-        return None
-    bound = dict(zip(PARAMS, args))
-    for name, value in kwargs.items():
-        if name not in PARAMS or name in bound:
-            return None
-        bound[name] = value
-    if "x_q" not in bound or "x_kv" not in bound:
-        return None
-    for name in PARAMS[2:]:
-        bound.setdefault(name, None)
-    return bound
+# MultiHeadAttention.forward's parameters, in positional order, with their defaults (the first two required).
+PARAMS = tuple((name, None) for name in ("x_q", "x_kv", "pad_mask", "rot_pos_emb_q", "rot_pos_emb_k", "kv_cache"))
 
 
 def empty_query_rows(attend: Optional[torch.Tensor], b: int, n: int, m: int, causal: bool,
@@ -164,7 +149,7 @@ def fused_multi_head_attention_forward(original: Callable) -> Callable:
     from perceiver.model.core.utils import ModuleOutput
 
     def forward(self, *args, **kwargs):
-        call = bind_call(args, kwargs)
+        call = bind_call(PARAMS, args, kwargs, required=2)
         plan = None if call is None else _plan(self, call)
         if plan is None:
             return original(self, *args, **kwargs)

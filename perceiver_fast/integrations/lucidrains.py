@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from perceiver_fast.integrations.patching import AttentionPatch, register_attention_patch
+from perceiver_fast.integrations.calls import bind_call
 from perceiver_fast.layers import dispatch
 
 PERCEIVER_PYTORCH = "perceiver_pytorch.perceiver_pytorch"
@@ -59,23 +60,6 @@ PERCEIVER_AR = "perceiver_ar_pytorch.perceiver_ar_pytorch"
 _ATTENTION_PARAMS = (("x", None), ("context", None), ("mask", None), ("inverted_attention", False))
 _CAUSAL_PARAMS = (("x", None), ("rotary_pos_emb", None))
 _PREFIX_PARAMS = (("x", None), ("context", None), ("context_mask", None), ("rotary_pos_emb", None))
-
-
-def _bind(params: Tuple[Tuple[str, object], ...], args: tuple, kwargs: dict, required: int) -> Optional[Dict]:
-    """The call's arguments by name, or None when the package's forward would reject them (it then says why)."""
-    names = [name for name, _ in params]
-    if len(args) > len(names):
-        return None
-    bound = dict(zip(names, args))
-    for name, value in kwargs.items():
-        if name not in names or name in bound:
-            return None
-        bound[name] = value
-    if any(name not in bound for name in names[:required]):
-        return None
-    for name, default in params:
-        bound.setdefault(name, default)
-    return bound
 
 
 def _dropout_p(drop) -> Optional[float]:
@@ -172,7 +156,7 @@ def _perceiver_attention(mod: nn.Module, call: Dict, with_dropout: bool) -> Opti
 def _make_perceiver_attention_forward(with_dropout: bool) -> Callable[[Callable], Callable]:
     def make_forward(original: Callable) -> Callable:
         def forward(self, *args, **kwargs):
-            call = _bind(_ATTENTION_PARAMS, args, kwargs, required=1)
+            call = bind_call(_ATTENTION_PARAMS, args, kwargs, required=1)
             out = None if call is None else _perceiver_attention(self, call, with_dropout)
             return original(self, *args, **kwargs) if out is None else out
 
@@ -271,7 +255,7 @@ def _make_ar_forward(fused: Callable, params: Tuple[Tuple[str, object], ...],
         rotary = importlib.import_module(PERCEIVER_AR).apply_rotary_pos_emb  # the package is installed by now
 
         def forward(self, *args, **kwargs):
-            call = _bind(params, args, kwargs, required=required)
+            call = bind_call(params, args, kwargs, required=required)
             out = None if call is None else fused(self, call, rotary)
             return original(self, *args, **kwargs) if out is None else out
 

@@ -49,16 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceiver_fast.integrations.calls import bind_call
 from perceiver_fast.layers import dispatch
 
 _ORIG = "_perceiver_fast_original_forward"
 _IGNORE_NEED_WEIGHTS = "_pf_ignore_need_weights"
 
 # nn.MultiheadAttention.forward's parameters, in positional order, with their defaults.
-_PARAMS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-           "is_causal")
-_DEFAULTS = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
-             "is_causal": False}
+_PARAMS = (("query", None), ("key", None), ("value", None), ("key_padding_mask", None), ("need_weights", True),
+           ("attn_mask", None), ("average_attn_weights", True), ("is_causal", False))
 
 
 @dataclass
@@ -72,22 +71,6 @@ class MHAPatchReport:
     @property
     def num_patched(self) -> int:
         return len(self.patched)
-
-
-def _bind(args: tuple, kwargs: dict) -> Optional[dict]:
-    """The call's arguments by name, or None when torch's forward would reject them (it then reports it)."""
-    if len(args) > len(_PARAMS):
-        return None
-    bound = dict(zip(_PARAMS, args))
-    for name, value in kwargs.items():
-        if name not in _PARAMS or name in bound:
-            return None
-        bound[name] = value
-    if any(name not in bound for name in _PARAMS[:3]):
-        return None
-    for name, default in _DEFAULTS.items():
-        bound.setdefault(name, default)
-    return bound
 
 
 def _weights(mod: nn.MultiheadAttention) -> Tuple[Optional[torch.Tensor], ...]:
@@ -242,7 +225,7 @@ _NO = (False, None)
 
 
 def _fast_forward(self, *args, **kwargs):
-    call = _bind(args, kwargs)
+    call = bind_call(_PARAMS, args, kwargs, required=3)
     fusable, attend = _NO if call is None else _plan(self, call, getattr(self, _IGNORE_NEED_WEIGHTS))
     if not fusable:
         return getattr(self, _ORIG)(*args, **kwargs)  # torch's own code, same arguments
@@ -254,7 +237,7 @@ def make_multihead_attention_forward(original: Callable, *, ignore_need_weights:
     exactly run fused, every other call ``original(self, *args, **kwargs)``. Same rules as
     :func:`patch_multihead_attention`."""
     def forward(self, *args, **kwargs):
-        call = _bind(args, kwargs)
+        call = bind_call(_PARAMS, args, kwargs, required=3)
         fusable, attend = _NO if call is None else _plan(self, call, ignore_need_weights)
         if not fusable:
             return original(self, *args, **kwargs)
