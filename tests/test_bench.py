@@ -146,6 +146,7 @@ def test_writers_produce_parseable_csv_json_and_png(tmp_path):
 
 def test_full_gpu_plan_without_a_gpu():
     """The job list a full H200 run would execute (built, not run): every section, full sizes, bf16."""
+    from perceiver_fast.bench.peer import PEER_CASES
     from perceiver_fast.bench.runner import build_jobs
 
     opts = BenchOptions(device="cuda").resolved()
@@ -159,9 +160,10 @@ def test_full_gpu_plan_without_a_gpu():
     n_self = sum(s.op == "self" for s in op_shapes)
     assert count == {"ceiling": 2, "op": len(op_shapes) * n_attn_backends + n_self + 3, "layer": 3 * 3,
                      "model": 3 * 3 + 4, "sweep": len(S.SWEEP_M) * n_attn_backends,
-                     "headdim": len(S.HEADDIM_D) * n_attn_backends, "fit": n_attn_backends}
+                     "headdim": len(S.HEADDIM_D) * n_attn_backends, "fit": n_attn_backends,
+                     "peer": len(PEER_CASES)}  # one job per community model (patched, unpatched, flash-perceiver)
     order = [j.section for j in jobs]
-    assert order.index("model") < order.index("sweep")  # a budget cut drops the sweeps first
+    assert order.index("model") < order.index("peer") < order.index("sweep")  # a budget cut drops the sweeps first
 
 
 def test_memory_guard_skips_what_would_not_fit(monkeypatch):

@@ -1,7 +1,7 @@
 """``perceiver-fast bench``: collects the jobs of every section, runs them and returns
 rows of one schema (:data:`.schema.ROW_FIELDS`), which :mod:`.report` prints and writes.
 
-Sections (:mod:`.ops`, :mod:`.layers`, :mod:`.models`; each imports :mod:`.schema`, none imports this module):
+Sections (:mod:`.ops`, :mod:`.layers`, :mod:`.models`, :mod:`.peer`; each imports :mod:`.schema`, none imports this module):
 
 * ``ceiling``: a 1 GiB device-to-device copy and an 8192^3 matmul (GPU only);
 * ``op``: every attention shape of :data:`.shapes.ATTN_SHAPES` (forward and
@@ -10,7 +10,10 @@ Sections (:mod:`.ops`, :mod:`.layers`, :mod:`.models`; each imports :mod:`.schem
 * ``headdim``: the same against head dim D;
 * ``fit``: the largest M whose forward runs, per backend (not with --quick);
 * ``layer``: our cross-attention layer against HF's PerceiverLayer (same weights);
-* ``model``: images/s of our models against HF transformers / timm.
+* ``model``: images/s of our models against HF transformers / timm;
+* ``peer`` (:mod:`.peer`): the community packages' main models (perceiver-pytorch, perceiver-ar-pytorch,
+  krasserm's perceiver-io, pio-arch) patched by ``patch_model`` against unpatched, same weights, with the
+  relative error between them and the fused calls per forward; flash-perceiver where it imports.
 
 On a machine without CUDA everything runs on the CPU at small sizes
 (``shape.small()``), and the ``fused`` rows time the ops' PyTorch fallback:
@@ -50,6 +53,9 @@ class BenchOptions:
     quick: bool = False
     ops: Optional[List[str]] = None  # None = all; names of attention shapes, "fourier", "sweep"
     models: Optional[List[str]] = None  # None = all; [] = none
+    # peer cases (names of .peer.PEER_CASES). None (default): all of them in a full run (ops and models both None),
+    # none where ops or models name a subset; [] = none
+    peer: Optional[List[str]] = None
     backends: Optional[List[str]] = None  # None = all
     backward: bool = True
     # torch.compile baselines. None (default): for the Fourier encoder on a GPU (its target is stated against
@@ -71,6 +77,10 @@ class BenchOptions:
         o.compile_attention = bool(o.compile)
         if o.small is None:
             o.small = not cuda
+        if o.peer is None:
+            from .peer import peer_names
+
+            o.peer = peer_names() if o.ops is None and o.models is None else []
         return o
 
 
@@ -143,7 +153,7 @@ def known_backends() -> List[str]:
 
 def build_jobs(opts: BenchOptions) -> List[Job]:
     """Jobs in priority order (a --budget-s cut drops the tail): ceilings, ops, Fourier encoder, layers,
-    models, then the sweeps (whose largest sizes are the slowest cases)."""
+    models, peer models, then the sweeps (whose largest sizes are the slowest cases)."""
     jobs: List[Job] = op_jobs(opts)
     if wanted("layers", opts.ops):
         from .layers import layer_jobs
@@ -153,6 +163,10 @@ def build_jobs(opts: BenchOptions) -> List[Job]:
         from .models import model_jobs
 
         jobs += model_jobs(opts)
+    if opts.peer:
+        from .peer import peer_jobs
+
+        jobs += peer_jobs(opts)
     return jobs + sweep_jobs(opts)
 
 
@@ -165,10 +179,11 @@ def add_speedups(rows: List[Dict]) -> None:
 
     For model rows the "eager" baseline is the backend named ``*:eager`` in that
     group (HF transformers / timm without fused attention) and the "SDPA" one is
-    any backend containing ``sdpa`` (timm with fused_attn, i.e. SDPA)."""
+    any backend containing ``sdpa`` (timm with fused_attn, i.e. SDPA). For peer rows the baseline is
+    ``unpatched:eager``: the package's model before ``patch_model``."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
-        if r["section"] in ("op", "sweep", "headdim", "layer", "model"):
+        if r["section"] in ("op", "sweep", "headdim", "layer", "model", "peer"):
             groups.setdefault((r["section"], r["name"], r["direction"], r["dtype"]), []).append(r)
     for grp in groups.values():
         ok = [r for r in grp if r["status"] in ("ok", "WRONG") and r["ms"]]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import List, Optional
 
 from perceiver_fast.cli.common import UsageError, add_interpret_flag, split_list
 
@@ -19,6 +20,10 @@ def add_parser(sub) -> None:
                    help="comma-separated op cases: attention shape names, 'fourier', 'sweep', 'headdim', 'fit', "
                         "'layers'; 'all' or 'none'")
     p.add_argument("--models", default="all", help="comma-separated model cases; 'all' or 'none'")
+    p.add_argument("--peer", default="auto",
+                   help="community models patched by patch_model against unpatched: comma-separated peer cases "
+                        "(see --list), 'all' or 'none' (default: all when --ops and --models are left at 'all', "
+                        "none when they name a subset)")
     p.add_argument("--backends", default="all", help="comma-separated backends (eager, compile, sdpa-flash, "
                                                      "sdpa-efficient, sdpa-cudnn, sdpa-math, fused, hf, ours, ...)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
@@ -40,7 +45,7 @@ def add_parser(sub) -> None:
 
 
 def list_shapes() -> str:
-    """The attention and Fourier shapes with their FLOPs, bytes and H200 floors (``--list``)."""
+    """The attention and Fourier shapes with their FLOPs, bytes and H200 floors, and the peer cases (``--list``)."""
     from perceiver_fast.bench import shapes as S
 
     out = [f"{'case':<58} {'GFLOP fwd':>10} {'MB fwd':>8} {'floor fwd ms':>12} {'floor f+b ms':>12}  (bf16, H200 ceilings)"]
@@ -49,7 +54,20 @@ def list_shapes() -> str:
                    f"{s.floor_ms(backward=True):>12.4f}")
     for f in S.FOURIER_SHAPES:
         out.append(f"{f.label():<58} {0:>10} {f.bytes() / 1e6:>8.1f} {f.floor_ms():>12.4f} {'':>12}  (fp32)")
-    return "\n".join(out)
+    from perceiver_fast.bench.peer import list_peer_cases
+
+    return "\n".join(out) + "\n\n" + list_peer_cases()
+
+
+def peer_selection(peer: str, ops: Optional[List[str]], models: Optional[List[str]],
+                   known: List[str]) -> List[str]:
+    """The peer cases ``--peer`` selects: 'auto' = all when --ops and --models select everything, else none;
+    'all'; 'none'; or comma-separated names (UsageError for an unknown one)."""
+    if peer.strip().lower() == "auto":
+        return list(known) if ops is None and models is None else []
+    names = split_list(peer)
+    _check_names("peer case", names, known)
+    return list(known) if names is None else names
 
 
 def _check_names(kind: str, given, known) -> None:
@@ -72,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     _check_names("op case", ops, [s.name for s in S.ATTN_SHAPES] + list(OP_GROUPS))
     models = split_list(args.models)
     _check_names("model case", models, [c.name for c in S.MODEL_CASES])
+    from perceiver_fast.bench.peer import peer_names
+
+    peer = peer_selection(args.peer, ops, models, peer_names())
     old_rows = None
     if args.compare is not None:
         from perceiver_fast.bench.compare import load_rows
@@ -92,15 +113,22 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # GPU name, free memory and synchronize follow the current device
 
+    from perceiver_fast.bench.peer import format_peer_table
     from perceiver_fast.bench.report import format_table, targets_markdown, write_all
     from perceiver_fast.bench.runner import run as run_bench
 
-    opts = BenchOptions(device=str(device), dtype=args.dtype, quick=args.quick, ops=ops, models=models,
+    opts = BenchOptions(device=str(device), dtype=args.dtype, quick=args.quick, ops=ops, models=models, peer=peer,
                         backends=backends, backward=not args.no_backward, compile=args.compile,
                         budget_s=args.budget_s, progress=not args.no_progress)
     result = run_bench(opts)
     paths = write_all(result, args.out)
     print(format_table(result))
+    peer_table = format_peer_table(result["rows"])
+    if peer_table:
+        print()
+        print(peer_table)
+        with open(paths["table"], "a") as fh:  # table.txt gets the peer table too
+            fh.write("\n" + peer_table + "\n")
     print()
     print(targets_markdown(result))
     if result["env"]["fused_path"] != "triton":
