@@ -248,7 +248,7 @@ def _entries_for(shape, AT, torch, MockTensor, H=None, Hkv=None, causal=False, s
         stride_maskb=0, stride_os=os_[0] * B if split else 0, stride_ob=os_[0], stride_on=os_[1],
         stride_oh=os_[2], stride_ls=B * H * N if split else 0,
         H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, group=group, keys_per_split=plan["keys_per_split"], scale_log2=0.1,
-        cap_in=0.1, cap_log2=0.1, dropout_p=0.0,
+        cap_in=0.1, cap_log2=0.1, dropout_p=0.0, key_offset=0, total_keys=M,
         N_BUCKET=AT.bucket(N), M_BUCKET=AT.bucket(M))
     fwd_consts = dict(HAS_MASK=False, DROPOUT=False, SPLIT=split, PRECISION="ieee", USE_TMA=True,
                       CAUSAL=causal, SOFTCAP=softcap,
@@ -266,7 +266,7 @@ def _entries_for(shape, AT, torch, MockTensor, H=None, Hkv=None, causal=False, s
         stride_maskb=0, stride_dob=_strides(B, N, H, pad(Dv))[0], stride_don=_strides(B, N, H, pad(Dv))[1],
         stride_doh=_strides(B, N, H, pad(Dv))[2],
         H=H, N=N, M=M, Dqk=Dqk, Dv=Dv, group=group, scale=0.1, scale_log2=0.1, cap_in=0.1, cap_log2=0.1,
-        dropout_p=0.0,
+        dropout_p=0.0, key_offset=0, total_keys=M,
         N_BUCKET=AT.bucket(N), M_BUCKET=AT.bucket(M), DQK_BUCKET=AT.bucket(Dqk), DV_BUCKET=AT.bucket(Dv))
     bwd_consts = dict(HAS_MASK=False, DROPOUT=False, PRECISION="ieee", USE_TMA=True, CAUSAL=causal, SOFTCAP=softcap)
     dkdv = dict(bwd_common, DK=MockTensor(dt), DV=MockTensor(dt), stride_dkb=ks[0], stride_dkm=ks[1],

@@ -25,15 +25,20 @@ the one place that calls them (tests wrap it to count the calls). Outside a
 process group, or in a group of one rank, they are skipped and the result is
 the single-device op's, bit for bit.
 
-Dropout: the op keys its dropout stream by the LOCAL key index, so a sharded
-run cannot reproduce the single-device op's mask for the same seed without a
-key-offset argument in the op. ``dropout_p > 0`` is supported with a
-different, equally valid stream: rank r uses the seed
-``rank_dropout_seed(base, r)`` (``base`` drawn from torch's default generator
-as the op does), so every rank's mask is independent of the others' and the
-forward and backward use the same mask. Each kept probability is still scaled
-by 1 / (1 - p) of the GLOBAL softmax, so the expectation equals the
-dropout-free attention. Same seed, same world and same sharding reproduce a run.
+Dropout: the op draws its mask by the GLOBAL key index (its ``key_offset`` and
+``total_keys`` arguments: Philox offsets of the Triton kernels, global key
+chunks of the PyTorch path), so the sharded result equals the single-device
+op's with the same seed, forward and backward, whatever the sharding. With
+``dropout_p > 0`` each call first exchanges, in one tiny all-reduce SUM of
+world + 1 int64 (the same functional collective), every rank's key count (the
+prefix sums give this rank's ``key_offset``, the total gives ``total_keys``)
+and rank 0's seed (the others contribute 0: a broadcast), so the ranks always
+share one seed. That seed is drawn as the op draws it
+(:func:`perceiver_fast.ops.attention.draw_dropout_seed`, from torch's default
+generator) on every rank, so every rank's generator advances alike, and
+``torch.manual_seed(s)`` on rank 0 reproduces the single-device call. The
+exchanged counts are read on the host (a sync, and a torch.compile graph
+break, with dropout only); without dropout nothing is exchanged.
 
 Helpers for input-sharded layers: :func:`shard_bounds` (the even contiguous
 split the models use) and :func:`all_reduce_grad` (identity forward, gradient
@@ -51,12 +56,8 @@ from torch import Tensor
 
 from perceiver_fast.ops.attention import cross_attention, draw_dropout_seed
 
-__all__ = ["all_reduce", "all_reduce_grad", "group_rank", "group_size", "rank_dropout_seed", "shard_bounds",
+__all__ = ["all_reduce", "all_reduce_grad", "group_rank", "group_size", "shard_bounds", "shard_key_range",
            "sharded_cross_attention"]
-
-# 2**64 / golden ratio, odd: rank seeds far apart in Philox's key space.
-_SEED_STRIDE = 0x9E3779B97F4A7C15
-_SEED_MOD = 2**62
 
 
 def group_size(group=None) -> int:
@@ -124,9 +125,28 @@ def all_reduce_grad(t: Tensor, group=None) -> Tensor:
     return _SumGradOverGroup.apply(t, group)
 
 
-def rank_dropout_seed(base: Tensor, rank: int) -> Tensor:
-    """Rank ``rank``'s dropout seed (int64 (1,)) derived from the ``base`` seed the op would draw."""
-    return (base + (int(rank) * _SEED_STRIDE) % _SEED_MOD) % _SEED_MOD
+def shard_key_range(num_keys: int, seed: Optional[Tensor], group=None,
+                    device: Union[torch.device, str, None] = None) -> Tuple[int, int, Optional[Tensor]]:
+    """(key_offset, total_keys, seed) of this rank's ``num_keys`` keys, with rank 0's ``seed`` on every rank.
+
+    One all-reduce SUM (via :func:`all_reduce`) of world + 1 int64 on ``device``
+    (default: the seed's, else CPU; NCCL needs the GPU): rank 0's seed (the
+    others add 0) and every rank's key count at its rank's slot. key_offset is
+    the sum of the counts of the ranks before this one (the ranks hold
+    contiguous slices in rank order), total_keys the sum of all. ``seed`` is an
+    int64 (1,) tensor or None (no dropout: returned as None).
+    """
+    world, rank = group_size(group), group_rank(group)
+    if device is None:
+        device = seed.device if seed is not None else "cpu"
+    packed = torch.zeros(world + 1, dtype=torch.int64, device=device)
+    if seed is not None and rank == 0:
+        packed[0] = seed.reshape(()).to(device)
+    packed[1 + rank] = int(num_keys)
+    packed = all_reduce(packed, "sum", group)
+    counts = packed[1:].tolist()
+    shared_seed = None if seed is None else packed[:1].clone()
+    return int(sum(counts[:rank])), int(sum(counts)), shared_seed
 
 
 def _merge(out: Tensor, lse: Tensor, group) -> Tuple[Tensor, Tensor]:
@@ -148,12 +168,14 @@ def _merge(out: Tensor, lse: Tensor, group) -> Tuple[Tensor, Tensor]:
 
 class _ShardedCrossAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, seed, dropout_p, scale, backend, group):
-        out_l, lse_l = torch.ops.perceiver_fast.attention_fwd(q, k, v, mask, seed, dropout_p, scale, 0, backend)
+    def forward(ctx, q, k, v, mask, seed, dropout_p, scale, backend, group, key_offset, total_keys):
+        out_l, lse_l = torch.ops.perceiver_fast.attention_fwd(q, k, v, mask, seed, dropout_p, scale, 0, backend,
+                                                              False, 0.0, key_offset, total_keys)
         merged, lse = _merge(out_l, lse_l, group)
         out = merged.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, mask, seed)
         ctx.dropout_p, ctx.scale, ctx.backend, ctx.group = dropout_p, scale, backend, group
+        ctx.key_offset, ctx.total_keys = key_offset, total_keys
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -161,12 +183,13 @@ class _ShardedCrossAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
         dq, dk, dv = torch.ops.perceiver_fast.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, seed,
-                                                            ctx.dropout_p, ctx.scale, 0, ctx.backend)
+                                                            ctx.dropout_p, ctx.scale, 0, ctx.backend, False, 0.0,
+                                                            ctx.key_offset, ctx.total_keys)
         if ctx.needs_input_grad[0]:
             dq = all_reduce(dq, "sum", ctx.group)  # each rank holds its keys' part of dq
         else:
             dq = None
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def sharded_cross_attention(q: Tensor, k_shard: Tensor, v_shard: Tensor, *, group=None,
@@ -184,8 +207,9 @@ def sharded_cross_attention(q: Tensor, k_shard: Tensor, v_shard: Tensor, *, grou
         group: the process group the keys are sharded over (default: the world).
             Without an initialised process group this is the single-device op.
         key_padding_mask: optional bool (B, M_r), True = attend, this rank's slice.
-        dropout_p: attention dropout in [0, 1); each rank draws from its own
-            stream (see the module docstring: not the single-device op's mask).
+        dropout_p: attention dropout in [0, 1). The mask is the single-device
+            op's for the same seed (drawn from torch's default generator and
+            taken from rank 0; see the module docstring).
         softmax_scale: defaults to Dqk ** -0.5.
         return_lse: also return the global fp32 (B, H, N) log-sum-exp (+inf for
             a query with no attended key anywhere), without gradient.
@@ -199,7 +223,8 @@ def sharded_cross_attention(q: Tensor, k_shard: Tensor, v_shard: Tensor, *, grou
 
     Communication: forward, an all-reduce MAX of (B, H, N) fp32 and an
     all-reduce SUM of (B, N, H, Dv + 1) fp32; backward, an all-reduce SUM of
-    dq (Bq, N, H, Dqk). All three are functional collectives
+    dq (Bq, N, H, Dqk); with dropout, first an all-reduce SUM of world + 1
+    int64 (the key counts and rank 0's seed, :func:`shard_key_range`). All are functional collectives
     (``torch.distributed._functional_collectives.all_reduce`` +
     ``wait_tensor``), the collectives torch.compile traces without graph breaks.
     """
@@ -216,9 +241,10 @@ def sharded_cross_attention(q: Tensor, k_shard: Tensor, v_shard: Tensor, *, grou
     if key_padding_mask is not None and key_padding_mask.shape != k_shard.shape[:2]:
         raise ValueError(f"sharded_cross_attention: key_padding_mask has shape {tuple(key_padding_mask.shape)}, "
                          f"expected this rank's (B, M_r) = {tuple(k_shard.shape[:2])}")
-    seed = None
-    if dropout_p > 0.0:
-        seed = rank_dropout_seed(draw_dropout_seed(float(dropout_p)), group_rank(group)).to(q.device)
+    seed, key_offset, total_keys = None, 0, 0
+    if dropout_p > 0.0:  # only the dropout mask depends on the keys' global range
+        key_offset, total_keys, seed = shard_key_range(k_shard.shape[1], draw_dropout_seed(float(dropout_p)), group,
+                                                       q.device)
     out, lse = _ShardedCrossAttention.apply(q, k_shard, v_shard, key_padding_mask, seed, float(dropout_p), scale,
-                                            backend, group)
+                                            backend, group, key_offset, total_keys)
     return (out, lse) if return_lse else out

@@ -265,6 +265,120 @@ def test_dropout_with_gqa_uses_query_head_offsets(backend, splits):
 
 
 # ---------------------------------------------------------------------------
+# Dropout over sharded keys: key_offset / total_keys reproduce the unsharded mask
+# ---------------------------------------------------------------------------
+# backend: (M, shard sizes, num_splits). The "torch" shards cross the chunked loop's 1024-key chunks
+# (global chunks 0, 1 and 2 of 2100 keys, a shard boundary inside chunk 0); the "triton" ones the
+# interpreter's 16-key blocks and split-KV, with an empty shard.
+SHARDED = {"triton": (40, [7, 0, 20, 13], 2), "torch": (2100, [1000, 0, 1100], 0)}
+
+
+def _merge_shards(parts):
+    """(out, lse) of the whole key set from every shard's (out, lse): the split-KV / sharded merge."""
+    lses = torch.stack([torch.where(lse.isposinf(), -math.inf, lse) for _, lse in parts])  # (S, B, H, N)
+    lse = torch.logsumexp(lses, 0)
+    safe = torch.where(lse.isneginf(), 0.0, lse)
+    w = torch.exp(lses - safe).permute(0, 1, 3, 2)[..., None]  # (S, B, N, H, 1)
+    out = sum(wi * o.float() for wi, (o, _) in zip(w, parts))
+    return out.contiguous(), torch.where(lse.isneginf(), math.inf, lse).contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_keys_reproduce_the_unsharded_dropout(backend):
+    """Shards called with their key_offset / total_keys merge to the unsharded op, forward and backward."""
+    M, sizes, splits = SHARDED[backend]
+    B, N, H, Hkv, D, p, scale = 2, 5, 4, 2, 8, 0.3, 0.35
+    q, k, v = (t.detach() for t in _inputs(1, B, N, M, H, Hkv, D, D))
+    mask = _mask(B, M)
+    seed = torch.tensor([20240607])
+    fwd, bwd = torch.ops.perceiver_fast.attention_fwd, torch.ops.perceiver_fast.attention_bwd
+    out, lse = fwd(q, k, v, mask, seed, p, scale, splits, backend)
+    grad = torch.randn_like(out)
+    dq, dk, dv = bwd(grad, q, k, v, out, lse, mask, seed, p, scale, splits, backend)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    pieces = [(k[:, a:a + n], v[:, a:a + n], mask[:, a:a + n], a) for a, n in zip(starts, sizes)]
+    parts = [fwd(q, ks, vs, ms, seed, p, scale, splits, backend, False, 0.0, a, M) for ks, vs, ms, a in pieces]
+    m_out, m_lse = _merge_shards(parts)
+    torch.testing.assert_close(m_out, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m_lse, lse, atol=1e-5, rtol=1e-5)
+    grads = [bwd(grad, q, ks, vs, out, lse, ms, seed, p, scale, splits, backend, False, 0.0, a, M)
+             for ks, vs, ms, a in pieces]
+    torch.testing.assert_close(sum(g[0] for g in grads), dq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([g[1] for g in grads], 1), dk, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([g[2] for g in grads], 1), dv, atol=1e-5, rtol=1e-5)
+    # Without the global range every shard draws its own local mask: a different result.
+    local = [fwd(q, ks, vs, ms, seed, p, scale, splits, backend) for ks, vs, ms, _ in pieces]
+    assert not torch.allclose(_merge_shards(local)[0], out, atol=1e-3)
+
+
+def _keep_from_eye(fn, q, k, mask, B, Hkv, M):
+    """(B, N, H, M) keep-mask of a forward ``fn(q, k, v, mask)`` read through one-hot values."""
+    eye = torch.eye(M, device=q.device)[None, :, None, :].expand(B, -1, Hkv, -1).contiguous()
+    return fn(q, k, eye, mask)[0] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_keys_draw_the_unsharded_keep_mask_bit_for_bit(backend):
+    """The keep decision of (b, h, n, global key j) is the unsharded one, read out exactly with one-hot values.
+
+    "torch": the chunked loop with 16-key chunks (the grid is the loop's chunk), shards off the grid.
+    """
+    M, sizes = 40, [7, 0, 20, 13]
+    B, N, H, Hkv, D, p = 2, 5, 4, 2, 8, 0.3
+    q, k, _ = (t.detach() for t in _inputs(1, B, N, M, H, Hkv, D, D))
+    seed = torch.tensor([77])
+
+    def run(key_offset, total_keys):
+        if backend == "torch":
+            return lambda q, k, v, m: AC.attention_fwd_chunked(q, k, v, m, 77, p, 0.3, chunk=16,
+                                                               key_offset=key_offset, total_keys=total_keys)
+        return lambda q, k, v, m: torch.ops.perceiver_fast.attention_fwd(q, k, v, m, seed, p, 0.3, 2, backend,
+                                                                         False, 0.0, key_offset, total_keys)
+
+    keep = _keep_from_eye(run(0, 0), q, k, None, B, Hkv, M)
+    assert 0.6 < keep.float().mean() < 0.8
+    parts, a = [], 0
+    for n in sizes:
+        parts.append(_keep_from_eye(run(a, M), q, k[:, a:a + n], None, B, Hkv, n))
+        a += n
+    assert torch.equal(torch.cat(parts, -1), keep)
+
+
+def test_key_chunks_follow_the_global_grid():
+    assert AC.key_chunks(2500, 1024) == [(0, 1024), (1024, 2048), (2048, 2500)]
+    assert AC.key_chunks(2500, 1024, 1000) == [(0, 24), (24, 1048), (1048, 2072), (2072, 2500)]
+    assert AC.key_chunks(0, 1024, 5) == []
+
+
+@pytest.mark.parametrize("kw,exc,text", [
+    (dict(key_offset=-1, total_keys=20), ValueError, "key_offset must be >= 0"),
+    (dict(key_offset=0, total_keys=-2), ValueError, "total_keys must be >= 0"),
+    (dict(key_offset=3, total_keys=0), ValueError, "key_offset=3 needs total_keys > 0"),
+    (dict(key_offset=14, total_keys=20), ValueError, "exceeds total_keys=20"),
+    (dict(key_offset=0, total_keys=5), ValueError, "exceeds total_keys=5"),
+])
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_bad_key_range_raises_naming_the_argument(kw, exc, text, which):
+    q, k, v = (t.detach() for t in _inputs(1, 2, 3, 7, 2, 2, 4, 4))
+    seed = torch.tensor([1])
+    args = (q, k, v, None, seed, 0.2, 0.5, 0, "torch", False, 0.0, kw["key_offset"], kw["total_keys"])
+    with pytest.raises(exc, match=text):
+        if which == "fwd":
+            torch.ops.perceiver_fast.attention_fwd(*args)
+        else:
+            out = torch.zeros(2, 3, 2, 4)
+            lse = torch.zeros(2, 2, 3)
+            torch.ops.perceiver_fast.attention_bwd(out, q, k, v, out, lse, *args[3:])
+
+
+def test_key_range_types_are_checked():
+    with pytest.raises(TypeError, match="key_offset must be an int"):
+        A.check_key_range("op", True, 10, 3)
+    with pytest.raises(TypeError, match="total_keys must be an int"):
+        A.check_key_range("op", 0, 10.0, 3)
+
+
+# ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------
 def _bad_cases():
@@ -308,6 +422,11 @@ def test_opcheck_causal_softcap_gqa(backend):
     grad = torch.randn_like(out)
     torch.library.opcheck(torch.ops.perceiver_fast.attention_bwd.default,
                           (grad, q, k, v, out, lse, mask, seed, 0.2, 0.4, 2, backend, True, 1.5))
+    # a shard of keys: the global range of its dropout draws
+    torch.library.opcheck(fwd.default, (q, k, v, mask, seed, 0.2, 0.4, 2, backend, False, 0.0, 5, 19))
+    out, lse = fwd(q, k, v, mask, seed, 0.2, 0.4, 2, backend, False, 0.0, 5, 19)
+    torch.library.opcheck(torch.ops.perceiver_fast.attention_bwd.default,
+                          (grad, q, k, v, out, lse, mask, seed, 0.2, 0.4, 2, backend, False, 0.0, 5, 19))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

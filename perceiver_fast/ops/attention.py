@@ -27,7 +27,7 @@ from torch import Tensor
 from perceiver_fast.ops.attention_cpu import attention_bwd_cpu, attention_fwd_cpu
 from perceiver_fast.ops.backend import resolve_backend, seed_to_int
 
-__all__ = ["cross_attention", "self_attention"]
+__all__ = ["check_key_range", "cross_attention", "draw_dropout_seed", "self_attention"]
 
 MAX_HEAD_DIM = 4096
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,30 +111,57 @@ def _check_self(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
 # ---------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------
+def check_key_range(op: str, key_offset: int, total_keys: int, m: int) -> None:
+    """Validate the ops' ``key_offset`` / ``total_keys`` for a call with ``m`` keys (errors name the argument).
+
+    This call's keys are the global keys [key_offset, key_offset + m) of
+    ``total_keys`` (0 = m: no sharding); only the dropout mask depends on them.
+    """
+    for name, val in (("key_offset", key_offset), ("total_keys", total_keys)):
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise TypeError(f"{op}: {name} must be an int, got {val!r}")
+    if key_offset < 0:
+        raise ValueError(f"{op}: key_offset must be >= 0, got {key_offset}")
+    if total_keys < 0:
+        raise ValueError(f"{op}: total_keys must be >= 0 (0 = this call's M = {m} keys), got {total_keys}")
+    if total_keys == 0 and key_offset != 0:
+        raise ValueError(f"{op}: key_offset={key_offset} needs total_keys > 0 (total_keys=0 means this call's "
+                         f"M = {m} keys are all the keys)")
+    if total_keys > 0 and key_offset + m > total_keys:
+        raise ValueError(f"{op}: key_offset + M = {key_offset} + {m} = {key_offset + m} exceeds total_keys="
+                         f"{total_keys} (this call's keys must be the global keys [key_offset, key_offset + M))")
+
+
 @torch.library.custom_op("perceiver_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                   seed: Optional[Tensor], dropout_p: float, softmax_scale: float,
                   num_splits: int, backend: str, causal: bool = False,
-                  softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+                  softcap: float = 0.0, key_offset: int = 0, total_keys: int = 0) -> Tuple[Tensor, Tensor]:
     """Forward: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N)).
 
     ``num_splits``: split-KV count, 0 = sized from the SM count and tile count.
     ``backend``: "auto", "triton" or "torch" (see :func:`.backend.resolve_backend`).
     ``causal``: bottom-right causal mask; ``softcap`` > 0: scores capped by ``softcap * tanh(s / softcap)``.
+    ``key_offset`` / ``total_keys``: this call's M keys are the global keys
+    [key_offset, key_offset + M) of ``total_keys`` (0 = M, no sharding). Only
+    the dropout mask depends on them: the keep decision for (b, h, n, global
+    key j) is the one the unsharded call over all ``total_keys`` keys draws,
+    so shards of the keys reproduce its mask (:mod:`perceiver_fast.distributed`).
     k and v may have fewer heads than q (grouped-query heads).
     """
+    check_key_range("attention_fwd", key_offset, total_keys, k.shape[1])
     if resolve_backend(backend, q) == "triton":
         from perceiver_fast.ops.attention_triton import attention_fwd_triton
 
         return attention_fwd_triton(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits,
-                                    causal=causal, softcap=softcap)
+                                    causal=causal, softcap=softcap, key_offset=key_offset, total_keys=total_keys)
     return attention_fwd_cpu(q, k, v, key_padding_mask, seed_to_int(seed), dropout_p, softmax_scale,
-                             causal=causal, softcap=softcap)
+                             causal=causal, softcap=softcap, key_offset=key_offset, total_keys=total_keys)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend,
-                        causal=False, softcap=0.0):
+                        causal=False, softcap=0.0, key_offset=0, total_keys=0):
     B, N, H, Dv = k.shape[0], q.shape[1], q.shape[2], v.shape[3]
     return q.new_empty((B, N, H, Dv)), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -143,27 +170,35 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, seed, dropout_p, softmax_scal
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   key_padding_mask: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
                   softmax_scale: float, num_splits: int, backend: str, causal: bool = False,
-                  softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward: (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous)."""
+                  softcap: float = 0.0, key_offset: int = 0,
+                  total_keys: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous).
+
+    ``key_offset`` / ``total_keys`` as in :func:`attention_fwd` (the same values regenerate its dropout mask).
+    """
+    check_key_range("attention_bwd", key_offset, total_keys, k.shape[1])
     if resolve_backend(backend, q) == "triton":
         from perceiver_fast.ops.attention_triton import attention_bwd_triton
 
         return attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, softmax_scale,
-                                    num_splits=num_splits, causal=causal, softcap=softcap)
+                                    num_splits=num_splits, causal=causal, softcap=softcap, key_offset=key_offset,
+                                    total_keys=total_keys)
     return attention_bwd_cpu(grad_out, q, k, v, out, lse, key_padding_mask, seed_to_int(seed), dropout_p,
-                             softmax_scale, causal=causal, softcap=softcap)
+                             softmax_scale, causal=causal, softcap=softcap, key_offset=key_offset,
+                             total_keys=total_keys)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, seed, dropout_p, softmax_scale, num_splits,
-                        backend, causal=False, softcap=0.0):
+                        backend, causal=False, softcap=0.0, key_offset=0, total_keys=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend, causal, softcap = inputs
+    (q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend, causal, softcap, key_offset,
+     total_keys) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
     ctx.dropout_p = dropout_p
@@ -172,14 +207,17 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.causal = causal
     ctx.softcap = softcap
+    ctx.key_offset = key_offset
+    ctx.total_keys = total_keys
 
 
 def _backward(ctx, grad_out, grad_lse):
     # The lse output is for merging partial attentions; its gradient is not propagated (as in FlashAttention).
     q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
     dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, seed,
-                               ctx.dropout_p, ctx.softmax_scale, ctx.num_splits, ctx.backend, ctx.causal, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                               ctx.dropout_p, ctx.softmax_scale, ctx.num_splits, ctx.backend, ctx.causal, ctx.softcap,
+                               ctx.key_offset, ctx.total_keys)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -189,9 +227,12 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 # ---------------------------------------------------------------------------
 def draw_dropout_seed(dropout_p: float) -> Optional[Tensor]:
+    """The ops' dropout seed: an int64 (1,) tensor drawn from torch's default CPU generator (None without dropout).
+
+    Drawn there so that ``torch.manual_seed`` reproduces a run.
+    """
     if dropout_p <= 0.0:
         return None
-    # From torch's default CPU generator, so torch.manual_seed reproduces a run.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 

@@ -15,6 +15,11 @@ the same call:
   masks come from a CPU generator seeded by (seed, chunk start) so that they are
   reproducible from torch's seed and the backward regenerates the forward's
   mask (SDPA's CPU dropout is another stream, not replayable in the backward).
+  The chunks of the dropout draw are those of the GLOBAL keys (``key_offset``,
+  ``total_keys``: a call over a shard of the keys): global chunk c covers keys
+  [c * chunk, min((c + 1) * chunk, total_keys)); a shard's loop steps on that
+  grid, draws each global chunk it overlaps whole and keeps its own columns, so
+  shards reproduce the unsharded call's mask (:func:`dropout_keep_keys`).
   It also runs the backward of head dims over 256, where the fused backward is
   slower; it needs only the lse, the same quantity from either forward.
 
@@ -27,7 +32,7 @@ Causal masks are bottom-right aligned (query i sees keys j <= i + M - N).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -151,22 +156,24 @@ def attention_bwd_sdpa_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
 
 def attention_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, seed: int = 0,
                       dropout_p: float = 0.0, scale: float = 1.0, causal: bool = False,
-                      softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+                      softcap: float = 0.0, key_offset: int = 0, total_keys: int = 0) -> Tuple[Tensor, Tensor]:
     """The forward custom op's "torch" backend: the fused CPU kernel where it applies, else the chunked loop."""
     if sdpa_cpu_accepts(q, k, v, dropout_p, causal, softcap):
         return attention_fwd_sdpa_cpu(q, k, v, mask, scale, causal)
-    return attention_fwd_chunked(q, k, v, mask, seed, dropout_p, scale, causal=causal, softcap=softcap)
+    return attention_fwd_chunked(q, k, v, mask, seed, dropout_p, scale, causal=causal, softcap=softcap,
+                                 key_offset=key_offset, total_keys=total_keys)
 
 
 def attention_bwd_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       mask: Optional[Tensor] = None, seed: int = 0, dropout_p: float = 0.0,
                       scale: float = 1.0, causal: bool = False,
-                      softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+                      softcap: float = 0.0, key_offset: int = 0,
+                      total_keys: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """The backward custom op's "torch" backend: the fused CPU kernel where it is the faster, else the chunked loop."""
     if sdpa_cpu_bwd_accepts(q, k, v, dropout_p, causal, softcap):
         return attention_bwd_sdpa_cpu(do, q, k, v, out, lse, mask, scale, causal)
     return attention_bwd_chunked(do, q, k, v, out, lse, mask, seed, dropout_p, scale, causal=causal,
-                                 softcap=softcap)
+                                 softcap=softcap, key_offset=key_offset, total_keys=total_keys)
 
 
 def dropout_keep_chunk(seed: int, start: int, shape, dropout_p: float, device) -> Tensor:
@@ -174,6 +181,40 @@ def dropout_keep_chunk(seed: int, start: int, shape, dropout_p: float, device) -
     g = torch.Generator(device="cpu")
     g.manual_seed((int(seed) * 1_000_003 + start) % (2**63 - 1))
     return (torch.rand(shape, generator=g) >= dropout_p).to(device)
+
+
+def key_chunks(m: int, chunk: int, key_offset: int = 0) -> List[Tuple[int, int]]:
+    """Local [m0, m1) chunks of a call's ``m`` keys, cut on the global grid of ``chunk`` keys.
+
+    The call's keys are the global keys [key_offset, key_offset + m); each local
+    chunk lies inside one global chunk. With key_offset = 0 these are
+    ``range(0, m, chunk)``'s chunks.
+    """
+    bounds = []
+    m0 = 0
+    while m0 < m:
+        g = key_offset + m0
+        m1 = min(m, (g // chunk + 1) * chunk - key_offset)
+        bounds.append((m0, m1))
+        m0 = m1
+    return bounds
+
+
+def dropout_keep_keys(seed: int, g0: int, g1: int, total_keys: int, chunk: int, shape: Tuple[int, ...],
+                      dropout_p: float, device: torch.device) -> Tensor:
+    """Dropout keep-mask (*shape, g1 - g0) of the global keys [g0, g1), which lie inside one global chunk.
+
+    The whole global chunk [c0, min(c0 + chunk, total_keys)) is drawn with
+    :func:`dropout_keep_chunk` (the unsharded call's draw: same seed, start and
+    shape) and the columns [g0, g1) kept.
+    """
+    c0 = g0 // chunk * chunk
+    c1 = min(c0 + chunk, total_keys)
+    if not (c0 <= g0 <= g1 <= c1):
+        raise ValueError(f"dropout_keep_keys: keys [{g0}, {g1}) are not inside one global chunk of {chunk} keys "
+                         f"of total_keys={total_keys}")
+    keep = dropout_keep_chunk(seed, c0, (*shape, c1 - c0), dropout_p, device)
+    return keep if (g0, g1) == (c0, c1) else keep[..., g0 - c0:g1 - c0]
 
 
 def _chunk_keep(mask: Optional[Tensor], causal: bool, n: int, m: int, m0: int, m1: int,
@@ -212,11 +253,14 @@ def _kv_chunk(t: Tensor, m0: int, m1: int) -> Tensor:
 def attention_fwd_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
                           seed: Optional[int] = None, dropout_p: float = 0.0,
                           scale: float = 1.0, chunk: Optional[int] = None, causal: bool = False,
-                          softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+                          softcap: float = 0.0, key_offset: int = 0, total_keys: int = 0) -> Tuple[Tensor, Tensor]:
     """Online-softmax attention over key chunks in PyTorch (fp32 math).
 
     Same contract as the forward custom op: returns out (B, N, H, Dv) in q's
     dtype and lse fp32 (B, H, N), +inf for rows with no attended key.
+    The keys are the global keys [key_offset, key_offset + M) of ``total_keys``
+    (0 = M); the chunks, and so the dropout draws, follow the global grid of
+    ``chunk`` (default :data:`DEFAULT_CHUNK`) keys: pass the backward the same.
     """
     chunk = chunk or DEFAULT_CHUNK
     Bq, N, H, _ = q.shape
@@ -226,8 +270,8 @@ def attention_fwd_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
     m_i = torch.full((B, Hkv, G, N), float("-inf"), device=q.device)
     l_i = torch.zeros((B, Hkv, G, N), device=q.device)
     acc = torch.zeros((B, Hkv, G, N, Dv), device=q.device)
-    for m0 in range(0, M, chunk):
-        m1 = min(m0 + chunk, M)
+    total = total_keys or M
+    for m0, m1 in key_chunks(M, chunk, key_offset):
         s, _ = _scores(qf, _kv_chunk(k, m0, m1), scale, softcap)  # (B, Hkv, G, N, C)
         keep = _chunk_keep(mask, causal, N, M, m0, m1, q.device)
         if keep is not None:
@@ -238,8 +282,9 @@ def attention_fwd_chunked(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
         p = torch.exp(s - m_safe[..., None])
         l_i = l_i * alpha + p.sum(-1)
         if dropout_p > 0.0:
-            keep_d = dropout_keep_chunk(seed, m0, (B, H, N, m1 - m0), dropout_p, p.device)
-            p = p * keep_d.view(p.shape) / (1.0 - dropout_p)
+            keep_d = dropout_keep_keys(seed, key_offset + m0, key_offset + m1, total, chunk, (B, H, N), dropout_p,
+                                       p.device)
+            p = p * keep_d.reshape(p.shape) / (1.0 - dropout_p)
         acc = acc * alpha[..., None] + torch.matmul(p, _kv_chunk(v, m0, m1))
         m_i = m_new
     empty_rows = l_i == 0
@@ -253,10 +298,12 @@ def attention_bwd_chunked(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                           mask: Optional[Tensor] = None, seed: Optional[int] = None,
                           dropout_p: float = 0.0, scale: float = 1.0,
                           chunk: Optional[int] = None, causal: bool = False,
-                          softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+                          softcap: float = 0.0, key_offset: int = 0,
+                          total_keys: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """FlashAttention-2 backward over key chunks in PyTorch, from the saved lse.
 
     With soft-capping the score gradient is dS_raw = dS * (1 - tanh^2), tanh recomputed from q k^T.
+    ``chunk``, ``key_offset`` and ``total_keys`` as given to :func:`attention_fwd_chunked` (the same dropout mask).
     """
     chunk = chunk or DEFAULT_CHUNK
     Bq, N, H, Dqk = q.shape
@@ -270,8 +317,8 @@ def attention_bwd_chunked(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     q_all = qf.expand(B, -1, -1, -1, -1)
-    for m0 in range(0, M, chunk):
-        m1 = min(m0 + chunk, M)
+    total = total_keys or M
+    for m0, m1 in key_chunks(M, chunk, key_offset):
         kc, vc = _kv_chunk(k, m0, m1), _kv_chunk(v, m0, m1)
         s, t = _scores(qf, kc, scale, softcap)
         p = torch.exp(s - lse_g[..., None])
@@ -281,7 +328,8 @@ def attention_bwd_chunked(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         dp = torch.matmul(dof, vc.transpose(-1, -2))
         pz = p
         if dropout_p > 0.0:
-            z = dropout_keep_chunk(seed, m0, (B, H, N, m1 - m0), dropout_p, p.device).view(p.shape) / (1.0 - dropout_p)
+            z = dropout_keep_keys(seed, key_offset + m0, key_offset + m1, total, chunk, (B, H, N), dropout_p,
+                                  p.device).reshape(p.shape) / (1.0 - dropout_p)
             pz = p * z
             dp = dp * z
         ds = p * (dp - delta[..., None])

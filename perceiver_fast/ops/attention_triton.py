@@ -259,9 +259,12 @@ def causal_visible(offs_n, offs_m, shift):
 def dropout_keep(seed, bh, offs_n, offs_m, N, M, dropout_p):
     """(len(offs_n), len(offs_m)) keep-mask from Philox on the int64 offset ((b*H + h)*N + n)*M + m.
 
-    The forward and both backward kernels draw the same offsets, so the
-    backward regenerates exactly the forward's mask (the dK/dV kernel
-    transposes the result).
+    m is the GLOBAL key index and M the global key count: the kernels pass
+    ``offs_m + key_offset`` and ``total_keys`` (a call over a shard of the keys
+    then draws the unsharded call's mask; unsharded, key_offset = 0 and
+    total_keys = M). The forward and both backward kernels draw the same
+    offsets, so the backward regenerates exactly the forward's mask (the dK/dV
+    kernel transposes the result).
     """
     offs = (bh * N + offs_n.to(tl.int64)[:, None]) * M + offs_m.to(tl.int64)[None, :]
     return tl.rand(seed, offs) >= dropout_p
@@ -289,6 +292,7 @@ def attn_fwd_kernel(
     USE_TMA: tl.constexpr, QK_RESIDENT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     DQK0: tl.constexpr, DQK1: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    key_offset=0, total_keys=0,
 ):
     # FlashAttention forward with a resident Q tile and split-KV.
     # Grid: (cdiv(N, BLOCK_N), B * H, num_splits * n_value_tiles).
@@ -306,6 +310,8 @@ def attn_fwd_kernel(
     # the key loop stops after the tile's last visible key, so blocks above the
     # diagonal are never loaded (a split past it only writes an empty partial);
     # only blocks crossing the diagonal apply the element mask.
+    # key_offset / total_keys: the global range of this call's keys (a shard of
+    # them), for the dropout offsets only; the launchers always pass them.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     pid_z = tl.program_id(2)
@@ -374,7 +380,7 @@ def attn_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p)
+            keep = dropout_keep(seed, pid_bh, offs_n, offs_m.to(tl.int64) + key_offset, N, total_keys, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         v0 = _tile(v_base, v0_desc, m0, dv_start, M, Dv, stride_vm, BLOCK_M, DV0, USE_TMA)
         p = p.to(v0.dtype)
@@ -497,7 +503,7 @@ def _head_bases(Q, K, V, DO, pid_bh, H, group, stride_qb, stride_qh, stride_kb, 
 def _dkdv_head(dk, dv, q_base, do_base, k_base, v_base, k_desc, v_desc, lse_row, delta_row, seed, bh,
                offs_m, m_start, key_ok, col0, do_k, do_v, n_begin,
                N, M, Dqk, Dv, stride_qn, stride_don, stride_km, stride_vm,
-               scale_log2, cap_in, cap_log2, dropout_p,
+               scale_log2, cap_in, cap_log2, dropout_p, key_offset, total_keys,
                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, CAUSAL: tl.constexpr,
                SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DT: tl.constexpr):
@@ -527,7 +533,8 @@ def _dkdv_head(dk, dv, q_base, do_base, k_base, v_base, k_desc, v_desc, lse_row,
             if n0 + (M - N) < m_start + BLOCK_M - 1:  # a block crossing the diagonal
                 pt = tl.where(tl.trans(causal_visible(offs_n, offs_m, M - N)), pt, 0.0)
         if DROPOUT:
-            keep_t = tl.trans(dropout_keep(seed, bh, offs_n, offs_m, N, M, dropout_p))
+            keep_t = tl.trans(dropout_keep(seed, bh, offs_n, offs_m.to(tl.int64) + key_offset, N, total_keys,
+                                           dropout_p))
             zt = tl.where(keep_t, 1.0 / (1.0 - dropout_p), 0.0)
         if do_v:
             do_t = _tile(do_base, dot_desc, n0, col0, N, Dv, stride_don, BLOCK_N, BLOCK_DT, USE_TMA)
@@ -567,6 +574,7 @@ def attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, GQA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+    key_offset=0, total_keys=0,
 ):
     # FlashAttention-2 backward for dK and dV, keys as the rows of every dot.
     # Grid: (cdiv(M, BLOCK_M), B * Hkv, max(cdiv(Dqk, BLOCK_DT), cdiv(Dv, BLOCK_DT))).
@@ -581,7 +589,8 @@ def attn_bwd_dkdv_kernel(
     # with dS = P * (dP * Z - delta) (times 1 - tanh^2 under SOFTCAP) and Z the
     # dropout mask scaled by 1/(1-p). CAUSAL: the query loop starts at the
     # first block that sees the key block (n >= m - (M - N)); only blocks
-    # crossing the diagonal apply the element mask.
+    # crossing the diagonal apply the element mask. key_offset / total_keys:
+    # the dropout offsets' global key range, as in the forward.
     pid_kv = tl.program_id(1).to(tl.int64)
     t = tl.program_id(2)
     Hkv = H // group
@@ -611,7 +620,7 @@ def attn_bwd_dkdv_kernel(
                                 k_base, v_base, k_desc, v_desc, Lse + bh * N, Delta + bh * N, seed, bh,
                                 offs_m, m_start, key_ok, col0, do_k, do_v, n_begin,
                                 N, M, Dqk, Dv, stride_qn, stride_don, stride_km, stride_vm,
-                                scale_log2, cap_in, cap_log2, dropout_p,
+                                scale_log2, cap_in, cap_log2, dropout_p, key_offset, total_keys,
                                 DROPOUT, PRECISION, USE_TMA, CAUSAL, SOFTCAP, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DT)
     else:
         bh = b * H + hk
@@ -619,7 +628,7 @@ def attn_bwd_dkdv_kernel(
                             k_base, v_base, k_desc, v_desc, Lse + bh * N, Delta + bh * N, seed, bh,
                             offs_m, m_start, key_ok, col0, do_k, do_v, n_begin,
                             N, M, Dqk, Dv, stride_qn, stride_don, stride_km, stride_vm,
-                            scale_log2, cap_in, cap_log2, dropout_p,
+                            scale_log2, cap_in, cap_log2, dropout_p, key_offset, total_keys,
                             DROPOUT, PRECISION, USE_TMA, CAUSAL, SOFTCAP, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DT)
     m_rows = offs_m.to(tl.int64)[:, None]
     m_ok = offs_m[:, None] < M
@@ -647,6 +656,7 @@ def attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+    key_offset=0, total_keys=0,
 ):
     # FlashAttention-2 backward for dQ, split over keys.
     # Grid: (cdiv(N, BLOCK_N), B * H, num_splits * cdiv(Dqk, BLOCK_DT)).
@@ -658,6 +668,7 @@ def attn_bwd_dq_kernel(
     # (and over the batch for a shared q). SOFTCAP and CAUSAL as in the
     # forward: the key loop ends at the tile's last visible key (a split past
     # it writes zeros), only diagonal blocks apply the element mask.
+    # key_offset / total_keys: the dropout offsets' global key range.
     pid_bh = tl.program_id(1).to(tl.int64)
     n_dt = tl.cdiv(Dqk, BLOCK_DT)
     split = tl.program_id(2) // n_dt
@@ -702,7 +713,7 @@ def attn_bwd_dq_kernel(
         dp = _dot_rows(do_base, do_desc, n_start, N, stride_don, v_base, v_desc, m0, M, stride_vm, Dv,
                        BLOCK_N, BLOCK_M, BLOCK_D, USE_TMA, PRECISION)
         if DROPOUT:
-            keep = dropout_keep(seed, pid_bh, offs_n, offs_m, N, M, dropout_p)
+            keep = dropout_keep(seed, pid_bh, offs_n, offs_m.to(tl.int64) + key_offset, N, total_keys, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -880,11 +891,13 @@ def forward_plan(N: int, M: int, Dqk: int, Dv: int, dtype: torch.dtype, B: int, 
 # ---------------------------------------------------------------------------
 def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, num_splits: int,
                          *, causal: bool = False, softcap: float = 0.0,
-                         repack: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         repack: Optional[bool] = None, key_offset: int = 0,
+                         total_keys: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward on the Triton kernels: (out (B, N, H, Dv) in q's dtype, lse fp32 (B, H, N)).
 
     k, v may have Hkv heads dividing H (grouped-query heads); ``causal`` is bottom-right aligned;
     ``softcap`` > 0 caps the scaled scores (see :func:`perceiver_fast.ops.attention.cross_attention`).
+    ``key_offset`` / ``total_keys`` (0 = M): the keys' global range, for the dropout offsets only.
     """
     Bq, N, H, Dqk = q.shape
     B, M, Hkv, Dv = v.shape
@@ -931,6 +944,7 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
         HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, SPLIT=split, PRECISION=_precision(q.dtype),
         USE_TMA=use_tma, QK_RESIDENT=qk.resident, CAUSAL=bool(causal), SOFTCAP=softcap > 0.0,
         DQK0=qk.main, DQK1=qk.tail, DV0=vp.main, DV1=vp.tail, BLOCK_N=block_n,
+        key_offset=key_offset, total_keys=total_keys or M,  # the global key range of the dropout draws
     )
     if split:
         block_dv = min(64, bucket(Dv))
@@ -950,10 +964,11 @@ def attention_fwd_triton(q, k, v, mask, seed, dropout_p: float, scale: float, nu
 
 def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, scale: float,
                          *, causal: bool = False, softcap: float = 0.0, repack: Optional[bool] = None,
-                         num_splits: int = 0):
+                         num_splits: int = 0, key_offset: int = 0, total_keys: int = 0):
     """Backward on the Triton kernels: (dq, dk, dv) with the shapes and dtypes of q, k, v.
 
     Grouped-query heads: one dK/dV program per key/value head sums its group's query heads.
+    ``key_offset`` / ``total_keys`` as given to :func:`attention_fwd_triton` (the same dropout mask).
     """
     Bq, N, H, Dqk = q.shape
     B, M, Hkv, Dv = v.shape
@@ -983,6 +998,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     cap = softcap_args(scale, softcap)
     keys = (bucket(N), bucket(M), bucket(Dqk), bucket(Dv))
     seed_v = seed_to_int(seed)
+    dropout_keys = dict(key_offset=key_offset, total_keys=total_keys or M)  # the global key range of the draws
     common = (
         q.stride(0) if Bq > 1 else 0, q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -998,7 +1014,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         H, N, M, Dqk, Dv, group, scale, scale * LOG2E, *cap, dropout_p,
-        *keys, **consts, GQA=group > 1,
+        *keys, **consts, GQA=group > 1, **dropout_keys,
     )
     if num_splits <= 0:
         tiles = triton.cdiv(N, block_n) * B * H * triton.cdiv(Dqk, 128)
@@ -1017,7 +1033,7 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
         *common,
         sdq[0], sdq[1], sdq[2], sdq[3],
         H, N, M, Dqk, Dv, group, keys_per_split, scale, scale * LOG2E, *cap, dropout_p,
-        *keys, **consts,
+        *keys, **consts, **dropout_keys,
     )
     if dq_buf.dim() == 5:
         dq = dq_buf.sum(0)
