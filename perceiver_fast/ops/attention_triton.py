@@ -51,6 +51,7 @@ All pointer offsets are int64. A batch-shared query (Bq == 1) has batch stride 0
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -121,9 +122,17 @@ def bucket(x: int) -> int:
 # The key holds the head-dim plan (constexprs), alignment (USE_TMA) and buckets
 # of N and M, so the learned, fourier and conv shapes get their own winners.
 # ---------------------------------------------------------------------------
+def small_autotune() -> bool:
+    """``PERCEIVER_FAST_AUTOTUNE=small`` (read at import): one config per kernel, for a time-boxed GPU run whose
+    budget autotuning's compiles would otherwise eat (benchmarks/gpu_first_contact.sh)."""
+    return os.environ.get("PERCEIVER_FAST_AUTOTUNE", "") == "small"
+
+
 def fwd_configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": INTERPRET_BLOCK}, num_warps=4, num_stages=1)]
+    if small_autotune():
+        return [triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
@@ -168,6 +177,9 @@ def bwd_configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK, "BLOCK_D": 64,
                                "BLOCK_DT": 64}, num_warps=4, num_stages=1)]
+    if small_autotune():
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DT": 64}, num_warps=4,
+                              num_stages=2)]
     return [
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DT": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_DT": 128}, num_warps=4, num_stages=2),
