@@ -165,20 +165,31 @@ class MaskPattern:
     kv_length: int
 
 
-_PATTERNS: Dict[int, Tuple["weakref.ref", MaskPattern]] = {}
+# id(mask) -> (weak reference, the path it was built for, its pattern or None), for every mask built here
+_MASKS: Dict[int, Tuple["weakref.ref", str, Optional[MaskPattern]]] = {}
 
 
-def _remember(mask: torch.Tensor, pattern: MaskPattern) -> None:
+def _remember(mask: torch.Tensor, path: str, pattern: Optional[MaskPattern]) -> None:
     key = id(mask)
-    _PATTERNS[key] = (weakref.ref(mask, lambda _, key=key: _PATTERNS.pop(key, None)), pattern)
+    _MASKS[key] = (weakref.ref(mask, lambda _, key=key: _MASKS.pop(key, None)), path, pattern)
+
+
+def _entry(mask: Optional[torch.Tensor]):
+    entry = _MASKS.get(id(mask)) if mask is not None else None
+    return entry if entry is not None and entry[0]() is mask else None
 
 
 def mask_pattern(mask: Optional[torch.Tensor]) -> Optional[MaskPattern]:
     """The :class:`MaskPattern` recorded for this exact mask tensor by :func:`hf_attention_mask`, else None."""
-    if mask is None:
-        return None
-    entry = _PATTERNS.get(id(mask))
-    return entry[1] if entry is not None and entry[0]() is mask else None
+    entry = _entry(mask)
+    return entry[2] if entry is not None else None
+
+
+def mask_path(mask: Optional[torch.Tensor]) -> Optional[str]:
+    """The path ("sdpa" or "eager") this exact mask tensor was built for by :func:`hf_attention_mask`, else None:
+    a fallback must hand it to that path, whatever the attention module says."""
+    entry = _entry(mask)
+    return entry[1] if entry is not None else None
 
 
 def _pattern(masking_utils, q_length: int, kv_length: int, q_offset, kv_offset, mask_function,
@@ -222,9 +233,8 @@ def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: 
     mask = build(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                  kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
     if isinstance(mask, torch.Tensor):
-        pattern = _pattern(masking_utils, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
-        if pattern is not None:
-            _remember(mask, pattern)
+        _remember(mask, path, _pattern(masking_utils, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                       attention_mask))
     return mask
 
 
@@ -331,7 +341,8 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     Fuses the call when the op computes exactly what the model's own path would (see the module docstring);
     otherwise runs that path (sdpa or the model's eager function) with the same arguments.
     """
-    path = model_attention_path(module)
+    # A mask built here goes back to the path it was built for (its form is that path's)
+    path = mask_path(attention_mask) or model_attention_path(module)
     plan = None if args else _fusion_plan(path, module, query, key, value, attention_mask, kwargs)
     if plan is None:
         return _run_own_path(path, module, query, key, value, attention_mask, args, kwargs)
