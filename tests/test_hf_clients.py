@@ -462,6 +462,262 @@ def case_hf_perceiver() -> Case:
     return Case(models, run, expected_fused=0)  # no attention-interface call at all
 
 
+def _model_cls(module: str, name: str):
+    """A model class that transformers does not export at top level (transformers.models.<module>), or skip."""
+    try:
+        home = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no models/{module}")
+    cls = getattr(home, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {module}.{name}")
+    return cls
+
+
+def _config_cls(module: str, name: str):
+    try:
+        home = __import__(f"transformers.models.{module}.configuration_{module}", fromlist=[name])
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no models/{module}")
+    cls = getattr(home, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {module}.{name}")
+    return cls
+
+
+def _module_pair(module_cls, config):
+    """_pair for a plain nn.Module taking a config (no ``_from_config``): the implementation is set on each model's
+    own copy of the config; the model's own path is sdpa (the caller checks the model classes of the config declare
+    it)."""
+    models = []
+    for implementation in (REFERENCE, NAME, "sdpa"):
+        cfg = copy.deepcopy(config)
+        cfg._attn_implementation = implementation
+        torch.manual_seed(0)
+        model = module_cls(cfg).eval()
+        if models:
+            missing, unexpected = model.load_state_dict(models[0].state_dict(), strict=False)
+            assert not unexpected and not missing, (missing, unexpected)
+        assert model.config._attn_implementation == implementation
+        models.append(model)
+    return tuple(models)
+
+
+def case_aimv2_attention_pooling() -> Case:
+    """AIMv2 vision tower with its attention-pooling head (a cls query over the patches through
+    F.scaled_dot_product_attention directly: not an interface call, not counted); no mask."""
+    cfg = _cls("Aimv2VisionConfig")(hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                                     num_attention_heads=4, num_channels=3, image_size=8, patch_size=2,
+                                     use_head=True, attention_dropout=0.0)
+    models = _pair(_cls("Aimv2VisionModel"), cfg)
+    pixels = torch.randn(BATCH, 3, 8, 8)
+
+    def run(model):
+        out = model(pixel_values=pixels)
+        assert out.pooler_output is not None
+        return out
+
+    return Case(models, run, expected_fused=LAYERS)  # one bidirectional self-attention per layer (mask None)
+
+
+def case_siglip_map_head() -> Case:
+    """SigLIP (v1) vision tower with its MAP head (torch.nn.MultiheadAttention: not an interface call, not counted);
+    no mask."""
+    cfg = _cls("SiglipVisionConfig")(hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                                     num_attention_heads=4, num_channels=3, image_size=8, patch_size=2,
+                                     vision_use_head=True, attention_dropout=0.0)
+    models = _pair(_cls("SiglipVisionModel"), cfg)
+    pixels = torch.randn(BATCH, 3, 8, 8)
+
+    def run(model):
+        out = model(pixel_values=pixels)
+        assert out.pooler_output is not None
+        return out
+
+    return Case(models, run, expected_fused=LAYERS)  # encoder self-attention; the MAP head is not an interface call
+
+
+EDGETAM_LAYERS = 2
+
+
+def case_edgetam_perceiver_resampler() -> Case:
+    """EdgeTAM's spatial perceiver resampler (EdgeTamVideoPerceiverResampler, a plain module): 1-D latents attend to
+    the flattened feature map (positional encoding added to keys and values), 2-D latents (one per window: batch
+    windows, one query) attend to their window; each layer is a cross- then a self-attention; no mask. Run one
+    frame at a time (batch 1, as EdgeTamVideoModel feeds it): with a batch above 1 its 2-D path crashes in
+    transformers itself before any attention (``latents_2d.unsqueeze(0).expand(batch, -1, -1).view(-1, 1, C)``
+    views an expanded tensor)."""
+    config_cls = _config_cls("edgetam_video", "EdgeTamVideoConfig")
+    resampler_cls = _model_cls("edgetam_video", "EdgeTamVideoPerceiverResampler")
+    assert _model_cls("edgetam_video", "EdgeTamVideoModel")._supports_sdpa  # its own path is sdpa (_module_pair)
+    cfg = config_cls(perceiver_resampler_num_latents=4, perceiver_resampler_num_latents_2d=4,
+                     perceiver_resampler_hidden_size=32, perceiver_resampler_mlp_intermediate_size=48,
+                     perceiver_resampler_num_attention_heads=2, perceiver_resampler_attention_head_dim=16,
+                     perceiver_resampler_num_layers=EDGETAM_LAYERS, perceiver_resampler_hidden_dropout=0.0,
+                     perceiver_resampler_attention_dropout=0.0)
+    models = _module_pair(resampler_cls, cfg)
+    features = torch.randn(BATCH, 32, 4, 4)  # (frames, C, H, W): 2 x 2 windows of 2 x 2 for the 2-D latents
+    positions = torch.randn(BATCH, 32, 4, 4)
+
+    def run(model):
+        return [model(features[i:i + 1], positions[i:i + 1]) for i in range(BATCH)]
+
+    # per frame and layer: 1-D latents (cross + self) and 2-D latents (cross + self), bidirectional without a mask
+    return Case(models, run, expected_fused=BATCH * 4 * EDGETAM_LAYERS)
+
+
+VIDEOPRISM_SPATIAL, VIDEOPRISM_TEMPORAL, VIDEOPRISM_AUX = 2, 1, 1
+
+
+def case_videoprism_pooling_head() -> Case:
+    """VideoPrism video model (declares no sdpa support: its own path is its eager function, which softcaps the
+    logits): spatial layers (batch B * frames), temporal layers (batch B * patches), auxiliary layers, then its
+    attention-pooling head (one learned query, scaling=1.0 with the scale folded into the query, softcap=None),
+    which does go through the interface; no mask."""
+    cfg = _cls("VideoPrismVisionConfig")(image_size=8, num_frames=2, tubelet_size=(1, 4, 4), num_channels=3,
+                                         hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                                         num_spatial_layers=VIDEOPRISM_SPATIAL, num_temporal_layers=VIDEOPRISM_TEMPORAL,
+                                         num_auxiliary_layers=VIDEOPRISM_AUX, attn_logit_softcapping=5.0,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model_cls = _cls("VideoPrismVideoModel")
+    assert not model_cls._supports_sdpa
+    models = _pair(model_cls, cfg)
+    videos = torch.randn(BATCH, 2, 3, 8, 8)
+
+    def run(model):
+        return model(pixel_values_videos=videos)
+
+    # every self-attention (softcapped, no mask) + the pooling head's cross-attention
+    return Case(models, run, expected_fused=VIDEOPRISM_SPATIAL + VIDEOPRISM_TEMPORAL + VIDEOPRISM_AUX + 1)
+
+
+def case_molmo2_pooling() -> Case:
+    """Molmo2's image pooling (Molmo2Adapter): each output token's query (the mean of its patches) attends to its
+    pool of patches with GQA (4 query heads over 2 kv heads) and a key padding mask from the -1 slots of
+    pooled_patches_idx; one token is all padding (dropped from the output by the adapter itself)."""
+    cfg = _config_cls("molmo2", "Molmo2AdapterConfig")(vision_feature_layer=[-1], hidden_size=32,
+                                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                        attention_dropout=0.0, intermediate_size=48,
+                                                        text_hidden_size=24)
+    models = _pair(_model_cls("molmo2", "Molmo2Adapter"), cfg)
+    features = torch.randn(2, 9, 32)  # (crops, patches, hidden * len(vision_feature_layer))
+    pooled = torch.tensor([[0, 1, 3, 4], [2, 5, -1, -1], [-1, -1, -1, -1], [9, 10, 12, -1], [17, -1, -1, -1]])
+
+    def run(model):
+        return model(image_features=features, pooled_patches_idx=pooled)
+
+    return Case(models, run, expected_fused=1)  # one padded GQA cross-attention
+
+
+MUSICGEN_CODEBOOKS = 2
+
+
+def case_musicgen_decoder_cross_attention() -> Case:
+    """MusicGen decoder (codebook-summed embeddings): causal self-attention with right padding, cross-attention to
+    encoder states with padding in the encoder attention mask (one sample's encoder states all padded)."""
+    cfg = _cls("MusicgenDecoderConfig")(vocab_size=40, max_position_embeddings=32, num_hidden_layers=LAYERS,
+                                        ffn_dim=48, num_attention_heads=4, hidden_size=32, dropout=0.0,
+                                        attention_dropout=0.0, activation_dropout=0.0,
+                                        num_codebooks=MUSICGEN_CODEBOOKS, pad_token_id=40, bos_token_id=40)
+    models = _pair(_cls("MusicgenModel"), cfg)
+    ids = torch.randint(0, 40, (BATCH * MUSICGEN_CODEBOOKS, 6))
+    mask = _key_padding(BATCH, 6, [6, 4, 5])
+    encoder = torch.randn(BATCH, 7, 32)
+    encoder_mask = _key_padding(BATCH, 7, [7, 3, 0])
+
+    def run(model):
+        return model(input_ids=ids, attention_mask=mask, encoder_hidden_states=encoder,
+                     encoder_attention_mask=encoder_mask)
+
+    return Case(models, run, expected_fused=2 * LAYERS)  # causal padded self + padded cross per decoder layer
+
+
+def case_qwen2_gqa_bias_left_pad() -> Case:
+    """Qwen2 (q/k/v with bias, GQA 4 over 2, no sliding window: sliding_window=None in every call), left padding."""
+    cfg = _cls("Qwen2Config")(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                              use_sliding_window=False, attention_dropout=0.0, pad_token_id=0)
+    models = _pair(_cls("Qwen2Model"), cfg)
+    ids = torch.randint(1, 50, (BATCH, 7))
+    mask = _key_padding(BATCH, 7, [7, 4, 5], left=True)
+
+    def run(model):
+        return model(input_ids=ids, attention_mask=mask)
+
+    return Case(models, run, expected_fused=LAYERS)  # one causal (left-padded) GQA self-attention per layer
+
+
+def _mistral_case(sliding_window) -> Case:
+    """Mistral GQA, right padding. sliding_window=None: the plain causal mask, sliding_window=None in every call.
+    sliding_window=3 (< sequence 7): a sliding-window mask and kwarg, every call falls back."""
+    cfg = _cls("MistralConfig")(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+                                sliding_window=sliding_window, attention_dropout=0.0, pad_token_id=0)
+    models = _pair(_cls("MistralModel"), cfg)
+    ids = torch.randint(1, 50, (BATCH, 7))
+    mask = _key_padding(BATCH, 7, [7, 4, 5])
+
+    def run(model):
+        return model(input_ids=ids, attention_mask=mask)
+
+    # one causal padded self-attention per layer; none when every layer has a sliding window
+    return Case(models, run, expected_fused=LAYERS if sliding_window is None else 0)
+
+
+def case_gpt2_padding() -> Case:
+    """GPT-2 (its eager function softmaxes without an fp32 upcast): causal self-attention, padded batch."""
+    cfg = _cls("GPT2Config")(vocab_size=50, n_positions=16, n_embd=32, n_layer=LAYERS, n_head=4, n_inner=48,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
+                             eos_token_id=1)
+    models = _pair(_cls("GPT2Model"), cfg)
+    ids = torch.randint(1, 50, (BATCH, 7))
+    mask = _key_padding(BATCH, 7, [7, 4, 5])
+
+    def run(model):
+        return model(input_ids=ids, attention_mask=mask)
+
+    return Case(models, run, expected_fused=LAYERS)  # one causal padded self-attention per layer
+
+
+MODERNBERT_LAYER_TYPES = ["full_attention", "sliding_attention", "full_attention"]
+
+
+def case_modernbert_padding() -> Case:
+    """ModernBERT: global layers (bidirectional, padded: fuse) and local layers (a sliding window of
+    local_attention=4 < sequence 7, passed as the sliding_window kwarg with a sliding mask: fall back); one sample
+    fully padded."""
+    cfg = _cls("ModernBertConfig")(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=len(MODERNBERT_LAYER_TYPES), num_attention_heads=4,
+                                   layer_types=MODERNBERT_LAYER_TYPES, local_attention=4, max_position_embeddings=32,
+                                   attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    models = _pair(_cls("ModernBertModel"), cfg)
+    ids = torch.randint(1, 50, (BATCH, 7))
+    mask = _key_padding(BATCH, 7, [7, 4, 0])
+
+    def run(model):
+        return model(input_ids=ids, attention_mask=mask)
+
+    return Case(models, run, expected_fused=MODERNBERT_LAYER_TYPES.count("full_attention"))  # sliding layers fall back
+
+
+def case_vit_interpolate_pos_encoding() -> Case:
+    """ViT at 12 x 12 pixels for an 8 x 8 config, interpolate_pos_encoding=True (9 patches + cls instead of 4 + cls);
+    no mask."""
+    cfg = _cls("ViTConfig")(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=LAYERS,
+                            num_attention_heads=4, intermediate_size=48, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+    models = _pair(_cls("ViTModel"), cfg)
+    pixels = torch.randn(BATCH, 3, 12, 12)
+
+    def run(model):
+        out = model(pixel_values=pixels, interpolate_pos_encoding=True)
+        assert out.last_hidden_state.shape[1] == 1 + 9
+        return out
+
+    return Case(models, run, expected_fused=LAYERS)  # one self-attention per layer
+
+
 CASES: Dict[str, Callable[[], Case]] = {
     "blip2_qformer": case_blip2_qformer,
     "instructblip_qformer": case_instructblip_qformer,
@@ -480,6 +736,18 @@ CASES: Dict[str, Callable[[], Case]] = {
     "bert_output_attentions": case_bert_output_attentions,
     "deit": case_deit,
     "hf_perceiver": case_hf_perceiver,
+    "aimv2_attention_pooling": case_aimv2_attention_pooling,
+    "siglip_map_head": case_siglip_map_head,
+    "edgetam_perceiver_resampler": case_edgetam_perceiver_resampler,
+    "videoprism_pooling_head": case_videoprism_pooling_head,
+    "molmo2_pooling_gqa": case_molmo2_pooling,
+    "musicgen_decoder_cross_attention": case_musicgen_decoder_cross_attention,
+    "qwen2_gqa_bias_left_pad": case_qwen2_gqa_bias_left_pad,
+    "mistral_no_sliding_window": lambda: _mistral_case(sliding_window=None),
+    "mistral_sliding_window": lambda: _mistral_case(sliding_window=3),
+    "gpt2_padding": case_gpt2_padding,
+    "modernbert_padding": case_modernbert_padding,
+    "vit_interpolate_pos_encoding": case_vit_interpolate_pos_encoding,
 }
 
 
