@@ -16,7 +16,7 @@ Each patched row records the correctness of the patch in ``relerr`` (forward out
 ``grad_relerr`` (the largest over every parameter gradient), ||patched - unpatched|| / ||unpatched||,
 both computed in eval mode (dropout off) from the same inputs; above :data:`PEER_TOLERANCE` for the
 dtype the row is WRONG. The count of fused calls in one forward (:func:`count_fused_calls`) is in the
-row's ``fused_calls`` key (not in the CSV/JSON schema) and in its note. A package that is not
+row's ``fused_calls`` field and in its note. A package that is not
 installed gives FAIL rows with the reason and the install command.
 
 On a machine without CUDA the cases run at small sizes (depth 1-2, small dims and sequences) and the
@@ -351,9 +351,9 @@ def peer_case_rows(case: PeerCase, opts) -> List[Dict]:
     dev, dt = opts.device, opts.dtype
     directions = ["fwd", "fwd+bwd"] if opts.backward else ["fwd"]
     label = case.label(opts.small)
-    base = dict(section="peer", name=case.name, label=label, dtype=dt)
-    extra = dict(package=case.package, model=case.model)
-    rows = {b: [dict(make_row(direction=d, backend=b, **base), **extra, patched=b == PATCHED, fused_calls=None)
+    base = dict(section="peer", name=case.name, label=label, dtype=dt, package=case.package)
+    extra = dict(model=case.model)  # in memory only: the label names the model in the CSV/JSON
+    rows = {b: [dict(make_row(direction=d, backend=b, **base), **extra, patched=b == PATCHED)
                  for d in directions] for b in (UNPATCHED, PATCHED)}
     out: List[Dict] = []
     try:

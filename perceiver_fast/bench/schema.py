@@ -15,7 +15,8 @@ from .timing import bench_ms, is_oom, peak_extra_mib, release
 ROW_FIELDS = [
     "section", "name", "label", "direction", "dtype", "backend", "status", "ms", "ms_p20", "ms_p80",
     "speedup_vs_eager", "speedup_vs_best_sdpa", "tflops", "gbs", "peak_mib", "images_per_s", "floor_ms", "flops",
-    "bytes", "relerr", "grad_relerr", "B", "H", "N", "M", "Dqk", "Dv", "kv_row_stride", "reason",
+    "bytes", "relerr", "grad_relerr", "B", "H", "N", "M", "Dqk", "Dv", "kv_row_stride", "package", "fused_calls",
+    "reason",
 ]
 
 # relative error (vs float64) above which a result is marked WRONG
