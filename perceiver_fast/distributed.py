@@ -234,6 +234,10 @@ def sharded_cross_attention(q: Tensor, k_shard: Tensor, v_shard: Tensor, *, grou
         raise ValueError(f"sharded_cross_attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"sharded_cross_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if key_padding_mask is not None and not (isinstance(key_padding_mask, Tensor) and key_padding_mask.dim() == 2):
+        got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"sharded_cross_attention: key_padding_mask must be a bool tensor (B, M_r) = "
+                        f"{tuple(k_shard.shape[:2])} (this rank's keys, True = attend), got {got}")
     with torch.no_grad():  # validation only (an empty-key call: no work)
         cross_attention(q[:, :0], k_shard[:, :0], v_shard[:, :0],
                         key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :0],

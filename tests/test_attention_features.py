@@ -452,3 +452,50 @@ def test_torch_compile_fullgraph_with_features(backend):
     torch.testing.assert_close(loss, eager_loss)
     for a, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(a, t.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,softcap,Hkv", [(False, 0.0, 2), (True, 2.0, 2), (False, 0.0, 1)])
+def test_backward_op_takes_out_and_grad_with_any_strides(backend, causal, softcap, Hkv):
+    """The backward custom op called directly with an ``out`` / ``grad_out`` whose head dim is not contiguous
+    (a permuted copy) gives the same gradients as with contiguous ones (the kernels read unit-stride rows)."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 9, 2, 16), torch.randn(2, 13, Hkv, 16), torch.randn(2, 13, Hkv, 16)
+    scale = 16 ** -0.5
+    out, lse = torch.ops.perceiver_fast.attention_fwd(q, k, v, None, None, 0.0, scale, 1, backend, causal, softcap)
+    do = torch.randn_like(out)
+
+    def head_dim_strided(t):
+        return t.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+
+    want = torch.ops.perceiver_fast.attention_bwd(do, q, k, v, out, lse, None, None, 0.0, scale, 1, backend,
+                                                  causal, softcap)
+    got = torch.ops.perceiver_fast.attention_bwd(head_dim_strided(do), q, k, v, head_dim_strided(out),
+                                                 lse.transpose(1, 2).contiguous().transpose(1, 2), None, None, 0.0,
+                                                 scale, 1, backend, causal, softcap)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_returned_lse_is_not_differentiable():
+    """The lse carries no gradient: a backward through it raises instead of silently giving zeros."""
+    q = torch.randn(1, 3, 2, 8, requires_grad=True)
+    out, lse = A.cross_attention(q, torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8), return_lse=True,
+                                 backend="torch")
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_check_heads_softcap_and_scale_themselves(backend):
+    """Direct op callers get the same clear errors as the public functions (a bad group would read past K/V)."""
+    q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 5, 3, 8)
+    op = torch.ops.perceiver_fast.attention_fwd
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        op(q, k, k, None, None, 0.0, 0.5, 1, backend)
+    k = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match="softcap must be"):
+        op(q, k, k, None, None, 0.0, 0.5, 1, backend, False, -1.0)
+    with pytest.raises(ValueError, match="softmax_scale must be finite"):
+        op(q, k, k, None, None, 0.0, float("nan"), 1, backend)

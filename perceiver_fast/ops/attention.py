@@ -111,6 +111,18 @@ def _check_self(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
 # ---------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------
+def check_op_args(op: str, q: Tensor, k: Tensor, softcap: float, softmax_scale: float) -> None:
+    """What the ops themselves check (their callers may be other code than the public functions): grouped heads,
+    softcap and the scale; errors name the argument and the shapes."""
+    if k.dim() != 4 or q.dim() != 4 or k.shape[2] < 1 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"{op}: q {_shape(q)} must have a multiple of the key/value heads of k {_shape(k)} "
+                         f"(both (batch, seq, heads, head_dim))")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"{op}: softcap must be a finite float >= 0 (0 = no capping), got {softcap!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"{op}: softmax_scale must be finite, got {softmax_scale!r}")
+
+
 def check_key_range(op: str, key_offset: int, total_keys: int, m: int) -> None:
     """Validate the ops' ``key_offset`` / ``total_keys`` for a call with ``m`` keys (errors name the argument).
 
@@ -149,6 +161,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
     so shards of the keys reproduce its mask (:mod:`perceiver_fast.distributed`).
     k and v may have fewer heads than q (grouped-query heads).
     """
+    check_op_args("attention_fwd", q, k, softcap, softmax_scale)
     check_key_range("attention_fwd", key_offset, total_keys, k.shape[1])
     if resolve_backend(backend, q) == "triton":
         from perceiver_fast.ops.attention_triton import attention_fwd_triton
@@ -176,6 +189,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
 
     ``key_offset`` / ``total_keys`` as in :func:`attention_fwd` (the same values regenerate its dropout mask).
     """
+    check_op_args("attention_bwd", q, k, softcap, softmax_scale)
     check_key_range("attention_bwd", key_offset, total_keys, k.shape[1])
     if resolve_backend(backend, q) == "triton":
         from perceiver_fast.ops.attention_triton import attention_bwd_triton
@@ -200,6 +214,9 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, key_padding_mask, seed, dropout_p, softmax_scale, num_splits, backend, causal, softcap, key_offset,
      total_keys) = inputs
     out, lse = output
+    # The lse is for merging partial attentions; its gradient is not computed, so it must not look
+    # differentiable: a backward through it fails loudly instead of giving zeros.
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
     ctx.dropout_p = dropout_p
     ctx.softmax_scale = softmax_scale

@@ -136,6 +136,9 @@ def attention_bwd_sdpa_cpu(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     """Backward of :func:`attention_fwd_sdpa_cpu`: (dq, dk, dv), contiguous, in the inputs' shapes."""
     B, M, Hkv, _ = k.shape
     N, H = q.shape[1], q.shape[2]
+    # The fused kernel's backward reads rows with a unit last stride.
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    do = do if do.stride(-1) == 1 else do.contiguous()
     # Our lse = +inf on fully masked queries makes their probabilities, hence their gradients, zero.
     if Hkv != H:
         dq, dk, dv = FLASH_CPU_BWD(

@@ -986,6 +986,8 @@ def attention_bwd_triton(do, q, k, v, out, lse, mask, seed, dropout_p: float, sc
     B, M, Hkv, Dv = v.shape
     group = H // max(Hkv, 1)
     lse = lse.contiguous()  # the kernels index it as (B * H, N) rows: a strided lse would read the wrong rows
+    if out.stride(-1) != 1:
+        out = out.contiguous()  # the preprocess kernel reads rows with a unit last stride
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     if N == 0 or M == 0 or B * H == 0:
