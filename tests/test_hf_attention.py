@@ -179,3 +179,44 @@ def test_static_cache_offsets_fall_back_exactly():
     for g, w in zip(got.logits, want.logits):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert calls.attention_fwd == LAYERS  # the prefill fused; the 2 cached steps (tensor offset) ran sdpa
+
+
+def test_torch_compile_fullgraph_stays_exact_across_masks():
+    """Under torch.compile the mask side table is not read (ids of traced tensors are not the run's): masked calls
+    trace the model's own path, fullgraph=True compiles, and every mask gives sdpa's answer."""
+    ref, ours = _pair(transformers.BertModel, _bert_config())
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        for trial in range(3):
+            mask = torch.ones(3, 7, dtype=torch.long)
+            mask[trial, 2 + trial:] = 0
+            want = ref(ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(compiled(ids, attention_mask=mask).last_hidden_state, want,
+                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(ids).last_hidden_state, ref(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_edited_in_place_is_not_trusted():
+    """A 4-D mask built by the mask interface and edited in place afterwards (a reused buffer) no longer matches
+    its recorded pattern: the call runs the model's own path with the edited mask."""
+    from transformers import masking_utils
+
+    ref, ours = _pair(transformers.BertModel, _bert_config())
+    ids = torch.randint(0, 50, (2, 6))
+    padding = torch.ones(2, 6, dtype=torch.long)
+    padding[0, 5] = 0  # some padding, so the interface materialises the mask
+    embeds = torch.zeros(2, 6, 24)
+    ours_mask = masking_utils.create_bidirectional_mask(config=ours.config, inputs_embeds=embeds,
+                                                        attention_mask=padding)
+    ref_mask = masking_utils.create_bidirectional_mask(config=ref.config, inputs_embeds=embeds,
+                                                       attention_mask=padding)
+    for m in (ours_mask, ref_mask):
+        m[1, ..., 3:] = False  # the same in-place edit of both
+    with torch.no_grad():
+        want = ref(ids, attention_mask=ref_mask).last_hidden_state
+        with count_fused_calls() as calls:
+            got = ours(ids, attention_mask=ours_mask).last_hidden_state
+    assert calls.attention_fwd == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -457,3 +457,35 @@ def test_siglip2_map_head(padded):
         after = ours(**inputs)
     assert calls.attention_fwd == 0
     torch.testing.assert_close(after.pooler_output, want.pooler_output, rtol=0, atol=0)
+
+
+def test_patched_model_pickles_and_loads_back_patched(tmp_path):
+    """torch.save(model) of a patched model loads back (a bound method would pickle as a missing attribute),
+    still patched and with the same answer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True))
+    patch_multihead_attention(model)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(2, 5, 8)
+    with count_fused_calls() as calls:
+        out = loaded[1](x, x, x, need_weights=False)[0]
+    assert calls.attention_fwd == 1
+    torch.testing.assert_close(out, model[1](x, x, x, need_weights=False)[0])
+
+
+def test_unpatch_timm_leaves_multihead_attention_alone():
+    """timm's unpatch and this patch keep their own attributes: unpatching timm modules does not touch a patched
+    nn.MultiheadAttention (it used to raise and half-unpatch it)."""
+    from perceiver_fast.integrations import unpatch_timm_vit
+
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    patch_multihead_attention(model)
+    unpatch_timm_vit(model)
+    x = torch.randn(2, 5, 8)
+    with count_fused_calls() as calls:
+        model[0](x, x, x, need_weights=False)
+    assert calls.attention_fwd == 1
+    unpatch_multihead_attention(model)
+    assert "forward" not in vars(model[0])

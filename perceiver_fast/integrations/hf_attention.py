@@ -165,18 +165,32 @@ class MaskPattern:
     kv_length: int
 
 
-# id(mask) -> (weak reference, the path it was built for, its pattern or None), for every mask built here
-_MASKS: Dict[int, Tuple["weakref.ref", str, Optional[MaskPattern]]] = {}
+# id(mask) -> (weak reference, the path it was built for, its pattern or None, the version counters of the mask
+# and of its key padding), for every mask built here. Not used while torch.compile traces (ids of traced tensors
+# are not the run's): masks then run the model's own path, which the compiler traces.
+_MASKS: Dict[int, Tuple["weakref.ref", str, Optional[MaskPattern], Tuple[int, int]]] = {}
+
+
+def _versions(mask: torch.Tensor, pattern: Optional[MaskPattern]) -> Tuple[int, int]:
+    kp = pattern.key_padding if pattern is not None else None
+    return mask._version, (kp._version if kp is not None else -1)
 
 
 def _remember(mask: torch.Tensor, path: str, pattern: Optional[MaskPattern]) -> None:
     key = id(mask)
-    _MASKS[key] = (weakref.ref(mask, lambda _, key=key: _MASKS.pop(key, None)), path, pattern)
+    _MASKS[key] = (weakref.ref(mask, lambda _, key=key: _MASKS.pop(key, None)), path, pattern,
+                   _versions(mask, pattern))
 
 
 def _entry(mask: Optional[torch.Tensor]):
-    entry = _MASKS.get(id(mask)) if mask is not None else None
-    return entry if entry is not None and entry[0]() is mask else None
+    if mask is None or torch.compiler.is_compiling():
+        return None
+    entry = _MASKS.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        return None
+    if entry[3] != _versions(mask, entry[2]):  # edited in place since it was built: its pattern may be stale
+        return None
+    return entry
 
 
 def mask_pattern(mask: Optional[torch.Tensor]) -> Optional[MaskPattern]:
@@ -187,9 +201,11 @@ def mask_pattern(mask: Optional[torch.Tensor]) -> Optional[MaskPattern]:
 
 def mask_path(mask: Optional[torch.Tensor]) -> Optional[str]:
     """The path ("sdpa" or "eager") this exact mask tensor was built for by :func:`hf_attention_mask`, else None:
-    a fallback must hand it to that path, whatever the attention module says."""
-    entry = _entry(mask)
-    return entry[1] if entry is not None else None
+    a fallback must hand it to that path, whatever the attention module says (an in-place edit keeps its form)."""
+    if mask is None or torch.compiler.is_compiling():
+        return None
+    entry = _MASKS.get(id(mask))
+    return entry[1] if entry is not None and entry[0]() is mask else None
 
 
 def _pattern(masking_utils, q_length: int, kv_length: int, q_offset, kv_offset, mask_function,
@@ -232,7 +248,7 @@ def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: 
     build = masking_utils.eager_mask if path == "eager" else masking_utils.sdpa_mask
     mask = build(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                  kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    if isinstance(mask, torch.Tensor):
+    if isinstance(mask, torch.Tensor) and not torch.compiler.is_compiling():
         _remember(mask, path, _pattern(masking_utils, q_length, kv_length, q_offset, kv_offset, mask_function,
                                        attention_mask))
     return mask
@@ -290,6 +306,8 @@ def _fusion_plan(path: str, module, query, key, value, attention_mask, kwargs) -
         return None  # sdpa / eager repeat k/v by the module's group count; anything else is not ours to guess
     if not (query.dtype == key.dtype == value.dtype and query.dtype in dispatch.FUSED_ATTENTION_DTYPES):
         return None
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        return None  # the op takes a contiguous head dim; sdpa / eager take anything
     if max(D, Dv) > dispatch.fused_ops().MAX_HEAD_DIM:
         return None
     if attention_mask is None:

@@ -41,7 +41,7 @@ Subclasses that override ``forward`` (e.g. ``torch.ao.nn.quantizable.MultiheadAt
 """
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -52,7 +52,7 @@ from torch import nn
 from perceiver_fast.integrations.calls import bind_call
 from perceiver_fast.layers import dispatch
 
-_ORIG = "_perceiver_fast_original_forward"
+_ORIG = "_perceiver_fast_mha_original_forward"  # not timm.py's name: a module is one or the other
 _IGNORE_NEED_WEIGHTS = "_pf_ignore_need_weights"
 
 # nn.MultiheadAttention.forward's parameters, in positional order, with their defaults.
@@ -314,7 +314,9 @@ def patch_multihead_attention(model: nn.Module, *, ignore_need_weights: bool = F
             continue
         setattr(module, _ORIG, module.forward)
         setattr(module, _IGNORE_NEED_WEIGHTS, ignore_need_weights)
-        module.forward = types.MethodType(_fast_forward, module)
+        # A partial of a module-level function, not a bound method: a pickled model (torch.save(model)) then
+        # loads back patched; a bound method pickles as getattr(module, "_fast_forward"), which fails.
+        module.forward = functools.partial(_fast_forward, module)
         report.patched.append(name)
     return report
 

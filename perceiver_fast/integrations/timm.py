@@ -95,8 +95,9 @@ def patch_timm_vit(model: nn.Module, *, attention: str = "fused") -> nn.Module:
 
 
 def unpatch_timm_vit(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_timm_vit`: the class forward of every patched timm attention module shows through again."""
     for module in model.modules():
-        if hasattr(module, _ORIG):
+        if is_timm_attention(module) and hasattr(module, _ORIG) and hasattr(module, "_pf_attention"):
             del module.forward  # the instance attribute; the class forward shows through again
             delattr(module, _ORIG)
             delattr(module, "_pf_attention")
