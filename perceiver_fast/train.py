@@ -593,6 +593,13 @@ def fit(prepared: Prepared) -> Dict:
                       f"{cfg.model} on {data.name}, attention={cfg.attention}: test acc {result['test_acc']:.4f}")
             log(f"test accuracy {result['test_acc']:.4f} after {epoch} epochs, {result['train_time_s']:.1f} s; "
                 f"wrote {cfg.out}/config.json, model.safetensors, training.json, metrics.json, training.png")
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            # Every rank waits for rank 0's outputs before the group is torn down: a rank that destroys its gloo
+            # group while a peer still holds it open can abort at exit ("terminate called without an active
+            # exception", seen once in CI).
+            dist.barrier()
         return result
     finally:
         if dist_info.enabled:
