@@ -462,27 +462,25 @@ def case_hf_perceiver() -> Case:
     return Case(models, run, expected_fused=0)  # no attention-interface call at all
 
 
-def _model_cls(module: str, name: str):
-    """A model class that transformers does not export at top level (transformers.models.<module>), or skip."""
+def _models_attr(module: str, kind: str, name: str):
+    """A class that transformers does not export at top level (transformers.models.<module>.<kind>_<module>), or
+    skip with the reason."""
     try:
-        home = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
+        home = __import__(f"transformers.models.{module}.{kind}_{module}", fromlist=[name])
     except ImportError:
         pytest.skip(f"transformers {transformers.__version__} has no models/{module}")
     cls = getattr(home, name, None)
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {module}.{name}")
     return cls
+
+
+def _model_cls(module: str, name: str):
+    return _models_attr(module, "modeling", name)
 
 
 def _config_cls(module: str, name: str):
-    try:
-        home = __import__(f"transformers.models.{module}.configuration_{module}", fromlist=[name])
-    except ImportError:
-        pytest.skip(f"transformers {transformers.__version__} has no models/{module}")
-    cls = getattr(home, name, None)
-    if cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {module}.{name}")
-    return cls
+    return _models_attr(module, "configuration", name)
 
 
 def _module_pair(module_cls, config):
